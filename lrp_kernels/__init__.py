@@ -1,0 +1,12 @@
+"""lrp_kernels: fast, exact Layer-wise Relevance Propagation (AttnLRP) for PyTorch transformers.
+
+Layers, from the user down: public API (``functional``, ``grad``, ``modules``, ...) ->
+rule (:mod:`lrp_kernels.ops`) -> :mod:`lrp_kernels.dispatch` -> backend (torch, cpp, triton).
+"""
+from . import ops  # noqa: F401  (registers the torch kernels)
+from . import functional, grad, modules  # noqa: F401
+from .dispatch import (BackendUnavailableError, available_backends, current_backend,  # noqa: F401
+                       use_backend)
+from .ops._common import stabilize  # noqa: F401
+
+__version__ = "0.1.0"

@@ -1,0 +1,227 @@
+r"""Element-wise rules: epsilon add, uniform product, epsilon mean, identity, stop (SPEC.md).
+
+==================  ==================================  ======================================
+rule                relevance view                      gradient view
+==================  ==================================  ======================================
+add ``z = a + b``   ``R_a = a * R_z / stab(z)``         ``G_a = G_z * z / stab(z)``
+mul ``z = a * b``   ``R_a = R_b = R_z / 2``             ``G_a = G_z * b / 2``
+                    (``R_a = R_z`` if ``b`` constant)   (``G_z * b`` if ``b`` constant)
+mean over dim       ``R_x = x * expand(R_z/stab(z))/n`` ``G_x = expand(G_z * z / stab(z)) / n``
+identity ``y=f(x)`` ``R_x = R_y``                       ``G_x = G_y * y / stab(x)``
+stop                ``R_x = 0``                         detach
+==================  ==================================  ======================================
+
+In each, the relevance view is the gradient view times the input (one extra multiply):
+``R_t = t * G_t`` with ``R_z = z * G_z``. The Functions below compute the gradient-view
+factor once and multiply by the input when ``relevance`` is set.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .. import dispatch
+from ._common import (DEFAULT_EPSILON, check_epsilon, check_float, check_same_device,
+                      compute_dtype, stabilize)
+
+
+def _reduce_to(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Sum a broadcast result back to ``like``'s shape and dtype."""
+    return t.sum_to_size(like.shape).to(like.dtype)
+
+
+# ---- epsilon add ---------------------------------------------------------------------------
+
+def add_epsilon_backward_torch(grad_z, inputs: Sequence[torch.Tensor], z, epsilon, relevance, needs):
+    cd = compute_dtype(grad_z, z)
+    g = grad_z.to(cd) / stabilize(z, epsilon)
+    if relevance:
+        return [(_reduce_to(t.to(cd) * g, t) if need else None) for t, need in zip(inputs, needs)]
+    g = g * z.to(cd)
+    return [(_reduce_to(g, t) if need else None) for t, need in zip(inputs, needs)]
+
+
+dispatch.register("add_epsilon_backward", "torch", add_epsilon_backward_torch)
+
+
+class AddEpsilonFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, epsilon, relevance, backend, *inputs):
+        z = inputs[0]
+        for t in inputs[1:]:
+            z = z + t
+        ctx.epsilon, ctx.relevance, ctx.backend = epsilon, relevance, backend
+        ctx.save_for_backward(z, *inputs)
+        return z
+
+    @staticmethod
+    def backward(ctx, grad_z):
+        z, *inputs = ctx.saved_tensors
+        grads = dispatch.call("add_epsilon_backward", grad_z, inputs, z, ctx.epsilon, ctx.relevance,
+                              ctx.needs_input_grad[3:], backend=ctx.backend)
+        return (None, None, None, *grads)
+
+
+def add(*inputs: torch.Tensor, epsilon: float = DEFAULT_EPSILON, relevance: bool = True,
+        backend: Optional[str] = None) -> torch.Tensor:
+    """Sum of n broadcastable tensors with the epsilon rule."""
+    if len(inputs) < 2:
+        raise ValueError(f"add needs at least two tensors, got {len(inputs)}")
+    for i, t in enumerate(inputs):
+        check_float(f"input {i}", t)
+    check_same_device(**{f"input {i}": t for i, t in enumerate(inputs)})
+    check_epsilon(epsilon)
+    try:
+        torch.broadcast_shapes(*(t.shape for t in inputs))
+    except RuntimeError:
+        raise ValueError(f"inputs must broadcast together, got shapes {[tuple(t.shape) for t in inputs]}") from None
+    return AddEpsilonFn.apply(epsilon, relevance, backend, *inputs)
+
+
+# ---- uniform product -----------------------------------------------------------------------
+
+def mul_uniform_backward_torch(grad_z, a, b, relevance, need_a, need_b):
+    cd = compute_dtype(grad_z, a, b)
+    g = grad_z.to(cd) / (2.0 if (need_a and need_b) else 1.0)
+    if relevance:
+        # R_z = z * G_z in the relevance view: each factor gets the (split) incoming relevance
+        ga = _reduce_to(g, a) if need_a else None
+        gb = _reduce_to(g, b) if need_b else None
+    else:
+        ga = _reduce_to(g * b.to(cd), a) if need_a else None
+        gb = _reduce_to(g * a.to(cd), b) if need_b else None
+    return ga, gb
+
+
+dispatch.register("mul_uniform_backward", "torch", mul_uniform_backward_torch)
+
+
+class MulUniformFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, relevance, backend):
+        ctx.relevance, ctx.backend = relevance, backend
+        ctx.save_for_backward(a, b)
+        return a * b
+
+    @staticmethod
+    def backward(ctx, grad_z):
+        a, b = ctx.saved_tensors
+        ga, gb = dispatch.call("mul_uniform_backward", grad_z, a, b, ctx.relevance,
+                               ctx.needs_input_grad[0], ctx.needs_input_grad[1], backend=ctx.backend)
+        return ga, gb, None, None
+
+
+def mul(a: torch.Tensor, b: torch.Tensor, *, relevance: bool = True,
+        backend: Optional[str] = None) -> torch.Tensor:
+    """``a * b`` with the uniform rule; a factor that needs no grad is a constant."""
+    check_float("a", a)
+    check_float("b", b)
+    check_same_device(a=a, b=b)
+    try:
+        torch.broadcast_shapes(a.shape, b.shape)
+    except RuntimeError:
+        raise ValueError(f"a and b must broadcast, got {tuple(a.shape)} and {tuple(b.shape)}") from None
+    return MulUniformFn.apply(a, b, relevance, backend)
+
+
+# ---- epsilon mean --------------------------------------------------------------------------
+
+def mean_epsilon_backward_torch(grad_z, x, z, dim, keepdim, epsilon, relevance):
+    cd = compute_dtype(grad_z, x)
+    g = grad_z.to(cd) / stabilize(z, epsilon)
+    if not relevance:
+        g = g * z.to(cd)
+    dims = tuple(d % x.dim() for d in dim) if dim is not None else tuple(range(x.dim()))
+    if not keepdim:
+        for d in sorted(dims):
+            g = g.unsqueeze(d)
+    n = 1
+    for d in dims:
+        n *= x.shape[d]
+    g = g.expand(x.shape) / n
+    if relevance:
+        g = g * x.to(cd)
+    return g.to(x.dtype)
+
+
+dispatch.register("mean_epsilon_backward", "torch", mean_epsilon_backward_torch)
+
+
+class MeanEpsilonFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, keepdim, epsilon, relevance, backend):
+        z = x.mean(dim=dim, keepdim=keepdim) if dim is not None else x.mean()
+        ctx.dim, ctx.keepdim, ctx.epsilon, ctx.relevance, ctx.backend = dim, keepdim, epsilon, relevance, backend
+        ctx.save_for_backward(x, z)
+        return z
+
+    @staticmethod
+    def backward(ctx, grad_z):
+        x, z = ctx.saved_tensors
+        keep = ctx.keepdim and ctx.dim is not None
+        gx = dispatch.call("mean_epsilon_backward", grad_z, x, z, ctx.dim, keep, ctx.epsilon,
+                           ctx.relevance, backend=ctx.backend)
+        return gx, None, None, None, None, None
+
+
+def mean(x: torch.Tensor, dim=None, keepdim: bool = False, epsilon: float = DEFAULT_EPSILON, *,
+         relevance: bool = True, backend: Optional[str] = None) -> torch.Tensor:
+    """``x.mean(dim, keepdim)`` with the epsilon rule."""
+    check_float("x", x)
+    check_epsilon(epsilon)
+    if isinstance(dim, int):
+        dim = (dim,)
+    if dim is not None:
+        for d in dim:
+            if not -x.dim() <= d < x.dim():
+                raise ValueError(f"dim {d} out of range for x of shape {tuple(x.shape)}")
+        dim = tuple(dim)
+    return MeanEpsilonFn.apply(x, dim, keepdim, epsilon, relevance, backend)
+
+
+# ---- identity ------------------------------------------------------------------------------
+
+def identity_backward_torch(grad_y, x, y, epsilon, relevance):
+    if relevance:
+        return grad_y.to(x.dtype)
+    cd = compute_dtype(grad_y, x)
+    return (grad_y.to(cd) * y.to(cd) / stabilize(x, epsilon)).to(x.dtype)
+
+
+dispatch.register("identity_backward", "torch", identity_backward_torch)
+
+
+class IdentityFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fn, x, epsilon, relevance, backend):
+        y = fn(x)
+        if y.shape != x.shape:
+            raise ValueError(f"identity rule needs an element-wise fn (same shape out), "
+                             f"got {tuple(x.shape)} -> {tuple(y.shape)}")
+        ctx.epsilon, ctx.relevance, ctx.backend = epsilon, relevance, backend
+        ctx.save_for_backward(x, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, y = ctx.saved_tensors
+        gx = dispatch.call("identity_backward", grad_y, x, y, ctx.epsilon, ctx.relevance, backend=ctx.backend)
+        return None, gx, None, None, None
+
+
+def identity(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, epsilon: float = DEFAULT_EPSILON,
+             *, relevance: bool = True, backend: Optional[str] = None) -> torch.Tensor:
+    """``fn(x)`` for an element-wise ``fn`` (SiLU, GELU, tanh, ...) with the identity rule."""
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    check_float("x", x)
+    return IdentityFn.apply(fn, x, epsilon, relevance, backend)
+
+
+# ---- stop ----------------------------------------------------------------------------------
+
+def stop_relevance(x: torch.Tensor) -> torch.Tensor:
+    """The same values, no relevance (and no gradient) flows back to ``x``."""
+    check_float("x", x)
+    return x.detach()

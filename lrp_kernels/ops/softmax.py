@@ -1,0 +1,80 @@
+r"""Deep-Taylor rule (with bias) for ``s = softmax(x / T)`` (SPEC.md; AttnLRP Prop. 3.1).
+
+Relevance view (sums over the softmax dim)::
+
+    R_x = (x / T) * (R_s - s * sum(R_s))
+
+Gradient view: the plain softmax gradient ``G_x = s * (G_s - sum(s * G_s)) / T``
+(substituting ``R_s = s * G_s`` above gives ``R_x = x * G_x``).
+
+Masked logits (``-inf`` or the dtype's minimum) get exactly zero relevance; fully masked
+rows give zero relevance, never NaN. One kernel op, ``softmax_dt_backward``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import dispatch
+from ._common import check_float, compute_dtype, zero_masked
+
+
+def softmax_dt_backward_torch(
+    grad_s: torch.Tensor,
+    x: torch.Tensor,
+    s: torch.Tensor,
+    dim: int,
+    temperature: float,
+    relevance: bool,
+) -> torch.Tensor:
+    """Reference backend. ``x`` are the logits before ``/ T``; ``s`` the softmax output."""
+    cd = compute_dtype(grad_s, x)
+    g, sf = grad_s.to(cd), s.to(cd)
+    if relevance:
+        out = g - sf * g.sum(dim, keepdim=True)
+        xs = torch.nan_to_num(x.to(cd), neginf=0.0) / temperature
+        out = zero_masked(xs * out, x)
+    else:
+        out = sf * (g - (sf * g).sum(dim, keepdim=True)) / temperature
+        out = zero_masked(out, x)
+    # a fully masked row has s = NaN from softmax; its relevance is 0
+    return torch.nan_to_num(out, nan=0.0).to(x.dtype)
+
+
+dispatch.register("softmax_dt_backward", "torch", softmax_dt_backward_torch)
+
+
+class SoftmaxDTFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, dtype, temperature, relevance, backend):
+        xs = x if temperature == 1.0 else x / temperature
+        s = torch.softmax(xs, dim, dtype=dtype)
+        ctx.dim, ctx.temperature, ctx.relevance, ctx.backend = dim, temperature, relevance, backend
+        ctx.save_for_backward(x, s)
+        return s
+
+    @staticmethod
+    def backward(ctx, grad_s):
+        x, s = ctx.saved_tensors
+        grad_x = dispatch.call("softmax_dt_backward", grad_s, x, s, ctx.dim, ctx.temperature,
+                               ctx.relevance, backend=ctx.backend)
+        return grad_x, None, None, None, None, None
+
+
+def softmax(
+    x: torch.Tensor,
+    dim: int,
+    dtype: Optional[torch.dtype] = None,
+    temperature: float = 1.0,
+    *,
+    relevance: bool = True,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """``torch.softmax(x / temperature, dim, dtype)`` with the Deep-Taylor backward."""
+    check_float("x", x)
+    if not -x.dim() <= dim < max(x.dim(), 1):
+        raise ValueError(f"dim must be in [{-x.dim()}, {x.dim() - 1}] for x of shape {tuple(x.shape)}, got {dim}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return SoftmaxDTFn.apply(x, dim % max(x.dim(), 1), dtype, float(temperature), relevance, backend)

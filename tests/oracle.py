@@ -1,0 +1,198 @@
+"""Independent float64 oracle of SPEC.md, written from the formulas (einsum / explicit
+Jacobians), never by calling lrp_kernels. Every function takes and returns float64 tensors
+(inputs are converted); ``R_*`` are relevances (relevance view), ``G_*`` modified gradients
+(gradient view).
+"""
+from __future__ import annotations
+
+import torch
+
+f64 = torch.float64
+
+
+def d(t):
+    return None if t is None else t.detach().to(f64)
+
+
+def stab(z, eps):
+    z = d(z)
+    return z + eps * torch.where(z >= 0, torch.ones_like(z), -torch.ones_like(z))
+
+
+# ---- epsilon linear: z = x W^T + b ----------------------------------------------------------
+
+def linear_z(x, W, b=None):
+    z = torch.einsum("...k,nk->...n", d(x), d(W))
+    return z if b is None else z + d(b)
+
+
+def linear_epsilon_R(x, W, b, R_z, eps):
+    """R_x[..., k] = sum_n x_k W_nk R_z_n / stab(z_n)."""
+    z = linear_z(x, W, b)
+    return torch.einsum("...k,nk,...n->...k", d(x), d(W), d(R_z) / stab(z, eps))
+
+
+def linear_epsilon_G(x, W, b, G_z, eps):
+    z = linear_z(x, W, b)
+    return torch.einsum("nk,...n->...k", d(W), d(G_z) * z / stab(z, eps))
+
+
+# ---- epsilon add (n inputs, broadcasting) -----------------------------------------------------
+
+def add_R(inputs, R_z, eps):
+    z = sum(d(t) for t in inputs)
+    return [(d(t) * d(R_z) / stab(z, eps)).sum_to_size(t.shape) for t in inputs]
+
+
+def add_G(inputs, G_z, eps):
+    z = sum(d(t) for t in inputs)
+    return [(d(G_z) * z / stab(z, eps)).sum_to_size(t.shape) for t in inputs]
+
+
+# ---- uniform product --------------------------------------------------------------------------
+
+def mul_R(a, b, R_z, a_const=False, b_const=False):
+    share = 1.0 if (a_const or b_const) else 0.5
+    Ra = None if a_const else (share * d(R_z)).sum_to_size(a.shape)
+    Rb = None if b_const else (share * d(R_z)).sum_to_size(b.shape)
+    return Ra, Rb
+
+
+def mul_G(a, b, G_z, a_const=False, b_const=False):
+    share = 1.0 if (a_const or b_const) else 0.5
+    Ga = None if a_const else (share * d(G_z) * d(b)).sum_to_size(a.shape)
+    Gb = None if b_const else (share * d(G_z) * d(a)).sum_to_size(b.shape)
+    return Ga, Gb
+
+
+# ---- uniform-epsilon matmul (batched, broadcasting, >= 2-D) -----------------------------------
+
+def matmul_R(A, B, R_O, eps, share=2.0):
+    A, B = d(A), d(B)
+    O = A @ B
+    N = d(R_O) / (share * stab(O, eps))
+    Ab, Bb = _bcast(A, B)
+    RA = torch.einsum("...ik,...kj,...ij->...ik", Ab, Bb, N).sum_to_size(A.shape)
+    RB = torch.einsum("...ik,...kj,...ij->...kj", Ab, Bb, N).sum_to_size(B.shape)
+    return RA, RB
+
+
+def matmul_G(A, B, G_O, eps, share=2.0):
+    A, B = d(A), d(B)
+    O = A @ B
+    H = d(G_O) * O / (share * stab(O, eps))
+    Ab, Bb = _bcast(A, B)
+    GA = torch.einsum("...kj,...ij->...ik", Bb, H).sum_to_size(A.shape)
+    GB = torch.einsum("...ik,...ij->...kj", Ab, H).sum_to_size(B.shape)
+    return GA, GB
+
+
+def _bcast(A, B):
+    batch = torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
+    return A.expand(*batch, *A.shape[-2:]), B.expand(*batch, *B.shape[-2:])
+
+
+# ---- Deep-Taylor softmax (explicit Jacobian, row by row) ---------------------------------------
+
+def _rows(x, dim):
+    x = d(x).movedim(dim, -1)
+    return x, x.reshape(-1, x.shape[-1])
+
+
+def softmax_R(x, R_s, dim=-1, T=1.0):
+    """R_x_i = sum_j u_i * dS_j/du_i * R_s_j / s_j with u = x / T, on unmasked entries only."""
+    xm, xr = _rows(x, dim)
+    _, rr = _rows(R_s, dim)
+    out = torch.zeros_like(xr)
+    for r in range(xr.shape[0]):
+        keep = ~(torch.isneginf(xr[r]) | (xr[r] <= torch.finfo(x.dtype).min))
+        if keep.sum() == 0:
+            continue
+        u = xr[r][keep] / T
+        s = torch.softmax(u, 0)
+        J = torch.autograd.functional.jacobian(lambda v: torch.softmax(v, 0), u)  # J[j, i] = ds_j/du_i
+        out[r][keep] = u * (J.T @ (rr[r][keep] / s))
+    return out.reshape(xm.shape).movedim(-1, dim)
+
+
+def softmax_G(x, G_s, dim=-1, T=1.0):
+    """Plain softmax gradient w.r.t. x (u = x / T), masked entries 0."""
+    xm, xr = _rows(x, dim)
+    _, gr = _rows(G_s, dim)
+    out = torch.zeros_like(xr)
+    for r in range(xr.shape[0]):
+        keep = ~(torch.isneginf(xr[r]) | (xr[r] <= torch.finfo(x.dtype).min))
+        if keep.sum() == 0:
+            continue
+        u = xr[r][keep] / T
+        J = torch.autograd.functional.jacobian(lambda v: torch.softmax(v, 0), u)
+        out[r][keep] = (J.T @ gr[r][keep]) / T
+    return out.reshape(xm.shape).movedim(-1, dim)
+
+
+# ---- norms -------------------------------------------------------------------------------------
+
+def rms_norm(x, w, eps):
+    x = d(x)
+    y = x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
+    return y if w is None else y * d(w)
+
+
+def rms_norm_G(x, w, G_y, eps):
+    x = d(x)
+    rstd = 1.0 / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
+    g = d(G_y) * rstd
+    return g if w is None else g * d(w)
+
+
+def layer_norm(x, w, b, eps):
+    x = d(x)
+    c = x - x.mean(-1, keepdim=True)
+    y = c / torch.sqrt((c * c).mean(-1, keepdim=True) + eps)
+    if w is not None:
+        y = y * d(w)
+    return y if b is None else y + d(b)
+
+
+def layer_norm_R(x, w, b, R_y, eps, epsilon):
+    """Epsilon rule on the centring (explicit matrix C = I - 1/n), identity on scaling, epsilon on +b."""
+    x = d(x)
+    n = x.shape[-1]
+    C = torch.eye(n, dtype=f64) - 1.0 / n  # c = x @ C^T (C symmetric)
+    c = x @ C
+    std = torch.sqrt((c * c).mean(-1, keepdim=True) + eps)
+    u = c / std * (d(w) if w is not None else 1.0)
+    y = u + (d(b) if b is not None else 0.0)
+    R_c = u * d(R_y) / stab(y, epsilon)
+    return torch.einsum("...j,ij,...i->...j", x, C, R_c / stab(c, epsilon))
+
+
+def layer_norm_G(x, w, G_y, eps):
+    x = d(x)
+    c = x - x.mean(-1, keepdim=True)
+    rstd = 1.0 / torch.sqrt((c * c).mean(-1, keepdim=True) + eps)
+    u = d(G_y) * rstd * (d(w) if w is not None else 1.0)
+    n = x.shape[-1]
+    C = torch.eye(n, dtype=f64) - 1.0 / n
+    return u @ C
+
+
+# ---- epsilon mean, identity --------------------------------------------------------------------
+
+def mean_R(x, dim, R_z, eps, keepdim=False):
+    x = d(x)
+    z = x.mean(dim, keepdim=True)
+    R = d(R_z) if keepdim else d(R_z).unsqueeze(dim)
+    return x * (R / stab(z, eps)) / x.shape[dim]
+
+
+def mean_G(x, dim, G_z, eps, keepdim=False):
+    x = d(x)
+    z = x.mean(dim, keepdim=True)
+    G = d(G_z) if keepdim else d(G_z).unsqueeze(dim)
+    return (G * z / stab(z, eps) / x.shape[dim]).expand_as(x)
+
+
+def identity_G(fn, x, G_y, eps):
+    x = d(x)
+    return d(G_y) * fn(x) / stab(x, eps)
