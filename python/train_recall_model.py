@@ -1,0 +1,213 @@
+#!/usr/bin/env python
+"""Train the tiny key-value recall Llama shipped in ``lrp_kernels/assets/recall-llama``.
+
+Task (word-level tokens, whitespace separated)::
+
+    k7 = 23 ; k3 = 19 ; k12 = 5 ; ? k3 =      ->  19
+
+The answer is the value of the queried key, so it depends on exactly one known span of the
+prompt: the queried pair ``k3 = 19``. That makes the model a ground truth for attribution
+quality (tests/test_shipped_model.py, benchmarks/bench_attribution_quality.py).
+
+Why the set-up looks like this (tiny transformers learn recall abruptly, or not at all):
+
+* multi-query training sequences (``... ; ? k3 = 19 ; ? k7 = 23 ;``): every query gives a
+  supervised answer position, so the recall signal per sequence is several times larger
+  than with one query; loss is taken on every position (the random keys/values only add a
+  constant entropy floor, the structure tokens and answers carry the signal);
+* a curriculum from 2 pairs up to MAX_PAIRS, advanced whenever held-out accuracy on the
+  current level reaches 95%; training stops when held-out accuracy on single-query prompts
+  with 1..MAX_PAIRS pairs (the shipped prompt format) reaches the target.
+
+Deterministic: fixed seeds, CPU, one thread, deterministic algorithms. Run::
+
+    nice python python/train_recall_model.py --out lrp_kernels/assets/recall-llama
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from typing import List, Sequence, Tuple
+
+NUM_KEYS = 16
+NUM_VALUES = 40
+MAX_PAIRS = 8
+SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>"]
+PUNCT = ["=", ";", "?"]
+KEYS = [f"k{i}" for i in range(NUM_KEYS)]
+VALUES = [str(v) for v in range(NUM_VALUES)]
+VOCAB = SPECIALS + PUNCT + KEYS + VALUES
+
+
+def make_pairs(rng: random.Random, n_pairs: int) -> List[Tuple[str, str]]:
+    keys = rng.sample(KEYS, n_pairs)
+    return [(k, rng.choice(VALUES)) for k in keys]
+
+
+def make_prompt(rng: random.Random, n_pairs: int) -> dict:
+    """One held-out style example: prompt text, answer, and the answer span.
+
+    ``span_words`` are the word indices (in ``prompt.split()``, i.e. without ``<bos>``) of the
+    queried pair ``kQ = V`` in the context. ``query_word`` is the index of the query key.
+    """
+    pairs = make_pairs(rng, n_pairs)
+    q = rng.randrange(n_pairs)
+    words: List[str] = []
+    for k, v in pairs:
+        words += [k, "=", v, ";"]
+    words += ["?", pairs[q][0], "="]
+    return {"prompt": " ".join(words), "answer": pairs[q][1], "pairs": pairs, "query": q,
+            "span_words": [4 * q, 4 * q + 1, 4 * q + 2], "query_word": len(words) - 2}
+
+
+def make_training_text(rng: random.Random, n_pairs: int, n_queries: int) -> str:
+    pairs = make_pairs(rng, n_pairs)
+    words: List[str] = []
+    for k, v in pairs:
+        words += [k, "=", v, ";"]
+    for i in range(n_queries):
+        k, v = pairs[rng.randrange(n_pairs)]
+        words += ["?", k, "=", v, ";"]
+    return " ".join(words)
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", vocab["<bos>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                   unk_token="<unk>", pad_token="<pad>", padding_side="left",
+                                   model_max_length=64)
+
+
+def build_model(vocab_size: int, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=256,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                      max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id, attention_bias=False, mlp_bias=False)
+    return LlamaForCausalLM(cfg)
+
+
+def batch(tokenizer, rng: random.Random, size: int, n_pairs: int):
+    import torch
+    n_queries = min(n_pairs, 4)
+    texts = [make_training_text(rng, n_pairs, n_queries) for _ in range(size)]
+    ids = tokenizer(texts, return_tensors="pt")["input_ids"]  # same length within a batch
+    return ids.to(torch.long)
+
+
+def evaluate(model, tokenizer, examples: Sequence[dict]) -> float:
+    import torch
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for chunk in range(0, len(examples), 128):
+            part = examples[chunk:chunk + 128]
+            enc = tokenizer([e["prompt"] for e in part], return_tensors="pt", padding=True)
+            logits = model(**enc, logits_to_keep=1).logits[:, -1]
+            pred = tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
+            correct += sum(p == e["answer"] for p, e in zip(pred, part))
+    model.train()
+    return correct / len(examples)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="lrp_kernels/assets/recall-llama")
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--max-steps", type=int, default=30000)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--target-accuracy", type=float, default=0.98)
+    ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+
+    import torch
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    torch.use_deterministic_algorithms(True)
+    data_rng = random.Random(args.seed)
+    eval_rng = random.Random(args.seed + 1)  # held-out stream, disjoint use from training
+
+    tokenizer = build_tokenizer()
+    model = build_model(len(VOCAB), tokenizer)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warmup = 200
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+
+    heldout_final = [make_prompt(eval_rng, eval_rng.randint(1, MAX_PAIRS)) for _ in range(1000)]
+    level = 2
+    t0 = time.time()
+    acc_final = 0.0
+    step = 0
+    for step in range(1, args.max_steps + 1):
+        n_pairs = data_rng.randint(1, level)
+        ids = batch(tokenizer, data_rng, args.batch_size, n_pairs)
+        logits = model(input_ids=ids).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 ids[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % args.eval_every == 0:
+            level_set = [make_prompt(eval_rng, level) for _ in range(300)]
+            acc_level = evaluate(model, tokenizer, level_set)
+            msg = f"step {step} loss {loss.item():.3f} level {level} acc@level {acc_level:.3f}"
+            if level == MAX_PAIRS:
+                acc_final = evaluate(model, tokenizer, heldout_final)
+                msg += f" acc@1..{MAX_PAIRS} {acc_final:.3f}"
+            print(msg + f" ({time.time() - t0:.0f}s)", flush=True)
+            if acc_level >= 0.95 and level < MAX_PAIRS:
+                level += 1
+            if level == MAX_PAIRS and acc_final >= args.target_accuracy:
+                break
+
+    acc_final = evaluate(model, tokenizer, heldout_final)
+    acc_max = evaluate(model, tokenizer, [make_prompt(random.Random(args.seed + 2), MAX_PAIRS)
+                                          for _ in range(1)] +
+                       [make_prompt(eval_rng, MAX_PAIRS) for _ in range(999)])
+    print(f"final: held-out accuracy {acc_final:.4f} (1..{MAX_PAIRS} pairs), "
+          f"{acc_max:.4f} ({MAX_PAIRS} pairs), {step} steps, {time.time() - t0:.0f}s", flush=True)
+    if acc_final < 0.95:
+        print("did not reach 95% held-out accuracy; not saving", file=sys.stderr)
+        return 1
+
+    os.makedirs(args.out, exist_ok=True)
+    model.eval()
+    model.save_pretrained(args.out, safe_serialization=True)
+    tokenizer.save_pretrained(args.out)
+    meta = {
+        "task": "key-value recall",
+        "format": "k<i> = <v> ; ... ; ? k<q> =  ->  <value of k<q>>",
+        "keys": KEYS, "values": VALUES, "max_pairs": MAX_PAIRS,
+        "answer_span": "the queried pair 'k<q> = <v>' in the context (3 tokens)",
+        "heldout_accuracy": round(acc_final, 4), "heldout_accuracy_max_pairs": round(acc_max, 4),
+        "heldout_examples": 1000, "steps": step, "batch_size": args.batch_size, "lr": args.lr,
+        "seed": args.seed, "torch": torch.__version__,
+        "command": "nice python python/train_recall_model.py --out lrp_kernels/assets/recall-llama"
+                   f" --seed {args.seed}",
+        "train_seconds": round(time.time() - t0),
+    }
+    with open(os.path.join(args.out, "metadata.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
