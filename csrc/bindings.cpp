@@ -1,0 +1,106 @@
+// Python bindings (pybind11 via torch.utils.cpp_extension) and the device switch.
+// Built and loaded by lrp_kernels/_cpp.py; the Python side checks arguments first
+// (lrp_kernels/ops/norm.py), the checks here only guard memory safety.
+#include <torch/extension.h>
+
+#include "norm.h"
+
+namespace lrp {
+namespace {
+
+void check_x(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() >= 1, name, " must have at least one dim (the normalised last dim)");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), name, " must be a floating-point tensor, got ",
+              x.scalar_type());
+}
+
+void check_param(const OptTensor& p, const at::Tensor& x, const char* name) {
+  if (!p.has_value() || !p->defined()) return;
+  TORCH_CHECK(p->dim() == 1 && p->size(0) == x.size(-1), name, " must have shape (", x.size(-1),
+              ",) (x's last dim), got ", p->sizes());
+  TORCH_CHECK(p->device() == x.device(), name, " must be on ", x.device(), ", got ", p->device());
+}
+
+bool on_cuda(const at::Tensor& x) {
+  if (!x.is_cuda()) {
+    TORCH_CHECK(x.device().is_cpu(), "lrp_kernels C++ extension: unsupported device ", x.device());
+    return false;
+  }
+#ifdef LRP_WITH_CUDA
+  return true;
+#else
+  TORCH_CHECK(false, "lrp_kernels C++ extension was built without CUDA");
+#endif
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& x, const OptTensor& weight, double eps) {
+  check_x(x, "x");
+  check_param(weight, x, "weight");
+#ifdef LRP_WITH_CUDA
+  if (on_cuda(x)) return cuda::rms_norm_forward(x, weight, eps);
+#else
+  on_cuda(x);
+#endif
+  return cpu::rms_norm_forward(x, weight, eps);
+}
+
+at::Tensor rms_norm_backward(const at::Tensor& grad_y, const OptTensor& weight, const at::Tensor& rstd) {
+  check_x(grad_y, "grad_y");
+  check_param(weight, grad_y, "weight");
+#ifdef LRP_WITH_CUDA
+  if (on_cuda(grad_y)) return cuda::rms_norm_backward(grad_y, weight, rstd);
+#else
+  on_cuda(grad_y);
+#endif
+  return cpu::rms_norm_backward(grad_y, weight, rstd);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward(const at::Tensor& x, const OptTensor& weight,
+                                                                  const OptTensor& bias, double eps) {
+  check_x(x, "x");
+  check_param(weight, x, "weight");
+  check_param(bias, x, "bias");
+#ifdef LRP_WITH_CUDA
+  if (on_cuda(x)) return cuda::layer_norm_forward(x, weight, bias, eps);
+#else
+  on_cuda(x);
+#endif
+  return cpu::layer_norm_forward(x, weight, bias, eps);
+}
+
+at::Tensor layer_norm_backward(const at::Tensor& grad_y, const at::Tensor& x, const OptTensor& weight,
+                               const OptTensor& bias, const at::Tensor& mean, const at::Tensor& rstd,
+                               double epsilon, bool relevance) {
+  check_x(x, "x");
+  check_param(weight, x, "weight");
+  check_param(bias, x, "bias");
+#ifdef LRP_WITH_CUDA
+  if (on_cuda(x)) return cuda::layer_norm_backward(grad_y, x, weight, bias, mean, rstd, epsilon, relevance);
+#else
+  on_cuda(x);
+#endif
+  return cpu::layer_norm_backward(grad_y, x, weight, bias, mean, rstd, epsilon, relevance);
+}
+
+}  // namespace lrp
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "lrp_kernels C++ kernels: RMSNorm-identity and LayerNorm (SPEC.md)";
+  m.def("rms_norm_forward", &lrp::rms_norm_forward, "(x, weight|None, eps) -> (y, rstd)",
+        py::arg("x"), py::arg("weight"), py::arg("eps"));
+  m.def("rms_norm_backward", &lrp::rms_norm_backward, "gradient view: (grad_y, weight|None, rstd) -> grad_x",
+        py::arg("grad_y"), py::arg("weight"), py::arg("rstd"));
+  m.def("layer_norm_forward", &lrp::layer_norm_forward, "(x, weight|None, bias|None, eps) -> (y, mean, rstd)",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"));
+  m.def("layer_norm_backward", &lrp::layer_norm_backward,
+        "(grad_y, x, weight|None, bias|None, mean, rstd, epsilon, relevance) -> grad_x",
+        py::arg("grad_y"), py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("mean"),
+        py::arg("rstd"), py::arg("epsilon"), py::arg("relevance"));
+#ifdef LRP_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+}
