@@ -49,3 +49,59 @@ def zero_masked(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Exactly 0 where ``x`` is -inf or the dtype's minimum (masked logits); no NaN."""
     masked = torch.isneginf(x) | (x <= torch.finfo(x.dtype).min)
     return torch.where(masked, torch.zeros((), dtype=out.dtype, device=out.device), out)
+
+
+# ---- backend choice made at forward time ----------------------------------------------------
+
+def pin_backend(backend: Optional[str]) -> Optional[str]:
+    """The backend a Function's backward should use, decided at forward time.
+
+    A per-call ``backend`` is validated now (unknown name -> ``ValueError``, unavailable ->
+    ``BackendUnavailableError`` with the reason) instead of failing later inside backward.
+    Without one, the ``use_backend`` block active at forward time is pinned: ``use_backend``
+    is thread-local and autograd runs CUDA backward passes on its own worker threads, which
+    would not see it. ``None`` (no choice made) leaves it to ``dispatch`` at backward time.
+    """
+    from .. import dispatch
+
+    if backend is None:
+        stack = getattr(dispatch._state, "stack", None)  # the innermost use_backend, if any
+        return stack[-1] if stack else None
+    if backend not in dispatch.BACKENDS + ("auto",):
+        raise ValueError(f"backend must be one of {dispatch.BACKENDS + ('auto',)}, got {backend!r}")
+    if backend not in ("auto", "torch"):
+        ok, why = dispatch.backend_status(backend)
+        if not ok:
+            raise dispatch.BackendUnavailableError(f"backend {backend!r} is not available: {why}")
+    return backend
+
+
+# ---- hook for the conservation check mode (lrp_kernels.check) ------------------------------
+# The active recorder is process-wide, not thread-local: CUDA backward passes run on autograd
+# worker threads. When no check is active (the normal case) each hook costs one global read.
+_RECORDER = None
+
+
+def record_forward(ctx, op: str, inputs: tuple, output: torch.Tensor) -> None:
+    """Forward: remember (detached) inputs and output for the check mode, only while active."""
+    rec = _RECORDER
+    ctx.lrp_check = None if rec is None else rec.on_forward(op, inputs, output)
+
+
+def record_backward(ctx, input_grads: tuple, output_grad: torch.Tensor, relevance: bool,
+                    expected) -> None:
+    """Backward: hand the rule's result to the check mode (read only; changes nothing).
+
+    ``input_grads`` align with the ``inputs`` given to :func:`record_forward` (``None`` for
+    inputs that get no relevance); ``expected`` (bool or zero-argument callable, evaluated
+    only when recording) says whether SPEC promises conservation for this application.
+    """
+    token = getattr(ctx, "lrp_check", None)
+    rec = _RECORDER
+    if token is not None and rec is not None:
+        rec.on_backward(token, input_grads, output_grad, relevance, expected)
+
+
+def is_zero(t: Optional[torch.Tensor]) -> bool:
+    """None or all zeros (a bias that absorbs no relevance)."""
+    return t is None or not bool(t.detach().any())

@@ -23,7 +23,8 @@ import torch
 
 from .. import dispatch
 from ._common import (DEFAULT_EPSILON, check_epsilon, check_float, check_same_device,
-                      compute_dtype, stabilize)
+                      compute_dtype, is_zero, pin_backend, record_backward, record_forward,
+                      stabilize)
 
 
 def _reduce_to(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -53,13 +54,18 @@ class AddEpsilonFn(torch.autograd.Function):
             z = z + t
         ctx.epsilon, ctx.relevance, ctx.backend = epsilon, relevance, backend
         ctx.save_for_backward(z, *inputs)
+        record_forward(ctx, "add", inputs, z)
         return z
 
     @staticmethod
     def backward(ctx, grad_z):
         z, *inputs = ctx.saved_tensors
+        needs = ctx.needs_input_grad[3:]
         grads = dispatch.call("add_epsilon_backward", grad_z, inputs, z, ctx.epsilon, ctx.relevance,
-                              ctx.needs_input_grad[3:], backend=ctx.backend)
+                              needs, backend=ctx.backend)
+        # a constant (no-grad) summand absorbs its share, like a bias: conservative only if zero
+        record_backward(ctx, tuple(grads), grad_z, ctx.relevance,
+                        lambda: all(need or is_zero(t) for t, need in zip(inputs, needs)))
         return (None, None, None, *grads)
 
 
@@ -76,7 +82,7 @@ def add(*inputs: torch.Tensor, epsilon: float = DEFAULT_EPSILON, relevance: bool
         torch.broadcast_shapes(*(t.shape for t in inputs))
     except RuntimeError:
         raise ValueError(f"inputs must broadcast together, got shapes {[tuple(t.shape) for t in inputs]}") from None
-    return AddEpsilonFn.apply(epsilon, relevance, backend, *inputs)
+    return AddEpsilonFn.apply(epsilon, relevance, pin_backend(backend), *inputs)
 
 
 # ---- uniform product -----------------------------------------------------------------------
@@ -102,13 +108,16 @@ class MulUniformFn(torch.autograd.Function):
     def forward(ctx, a, b, relevance, backend):
         ctx.relevance, ctx.backend = relevance, backend
         ctx.save_for_backward(a, b)
-        return a * b
+        z = a * b
+        record_forward(ctx, "mul", (a, b), z)
+        return z
 
     @staticmethod
     def backward(ctx, grad_z):
         a, b = ctx.saved_tensors
         ga, gb = dispatch.call("mul_uniform_backward", grad_z, a, b, ctx.relevance,
                                ctx.needs_input_grad[0], ctx.needs_input_grad[1], backend=ctx.backend)
+        record_backward(ctx, (ga, gb), grad_z, ctx.relevance, True)
         return ga, gb, None, None
 
 
@@ -122,7 +131,7 @@ def mul(a: torch.Tensor, b: torch.Tensor, *, relevance: bool = True,
         torch.broadcast_shapes(a.shape, b.shape)
     except RuntimeError:
         raise ValueError(f"a and b must broadcast, got {tuple(a.shape)} and {tuple(b.shape)}") from None
-    return MulUniformFn.apply(a, b, relevance, backend)
+    return MulUniformFn.apply(a, b, relevance, pin_backend(backend))
 
 
 # ---- epsilon mean --------------------------------------------------------------------------
@@ -132,7 +141,8 @@ def mean_epsilon_backward_torch(grad_z, x, z, dim, keepdim, epsilon, relevance):
     g = grad_z.to(cd) / stabilize(z, epsilon)
     if not relevance:
         g = g * z.to(cd)
-    dims = tuple(d % x.dim() for d in dim) if dim is not None else tuple(range(x.dim()))
+    # a 0-d x has nothing to expand (torch lets dim be 0 or -1 there)
+    dims = () if x.dim() == 0 else (tuple(d % x.dim() for d in dim) if dim is not None else tuple(range(x.dim())))
     if not keepdim:
         for d in sorted(dims):
             g = g.unsqueeze(d)
@@ -151,17 +161,19 @@ dispatch.register("mean_epsilon_backward", "torch", mean_epsilon_backward_torch)
 class MeanEpsilonFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, keepdim, epsilon, relevance, backend):
-        z = x.mean(dim=dim, keepdim=keepdim) if dim is not None else x.mean()
+        # dim=None reduces every dim; keepdim then keeps them all as size 1 (as torch.mean)
+        z = x.mean(dim=dim, keepdim=keepdim)
         ctx.dim, ctx.keepdim, ctx.epsilon, ctx.relevance, ctx.backend = dim, keepdim, epsilon, relevance, backend
         ctx.save_for_backward(x, z)
+        record_forward(ctx, "mean", (x,), z)
         return z
 
     @staticmethod
     def backward(ctx, grad_z):
         x, z = ctx.saved_tensors
-        keep = ctx.keepdim and ctx.dim is not None
-        gx = dispatch.call("mean_epsilon_backward", grad_z, x, z, ctx.dim, keep, ctx.epsilon,
+        gx = dispatch.call("mean_epsilon_backward", grad_z, x, z, ctx.dim, ctx.keepdim, ctx.epsilon,
                            ctx.relevance, backend=ctx.backend)
+        record_backward(ctx, (gx,), grad_z, ctx.relevance, True)
         return gx, None, None, None, None, None
 
 
@@ -173,11 +185,15 @@ def mean(x: torch.Tensor, dim=None, keepdim: bool = False, epsilon: float = DEFA
     if isinstance(dim, int):
         dim = (dim,)
     if dim is not None:
-        for d in dim:
-            if not -x.dim() <= d < x.dim():
-                raise ValueError(f"dim {d} out of range for x of shape {tuple(x.shape)}")
         dim = tuple(dim)
-    return MeanEpsilonFn.apply(x, dim, keepdim, epsilon, relevance, backend)
+        for d in dim:
+            if not isinstance(d, int) or not -max(x.dim(), 1) <= d < max(x.dim(), 1):
+                raise ValueError(f"dim {d!r} out of range for x of shape {tuple(x.shape)}")
+        if len({d % max(x.dim(), 1) for d in dim}) != len(dim):
+            raise ValueError(f"dim must not repeat a dimension, got {dim}")
+        if not dim:  # torch.mean reduces every dim for an empty dim list
+            dim = None
+    return MeanEpsilonFn.apply(x, dim, keepdim, epsilon, relevance, pin_backend(backend))
 
 
 # ---- identity ------------------------------------------------------------------------------
@@ -201,12 +217,14 @@ class IdentityFn(torch.autograd.Function):
                              f"got {tuple(x.shape)} -> {tuple(y.shape)}")
         ctx.epsilon, ctx.relevance, ctx.backend = epsilon, relevance, backend
         ctx.save_for_backward(x, y)
+        record_forward(ctx, "identity", (x,), y)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x, y = ctx.saved_tensors
         gx = dispatch.call("identity_backward", grad_y, x, y, ctx.epsilon, ctx.relevance, backend=ctx.backend)
+        record_backward(ctx, (gx,), grad_y, ctx.relevance, True)
         return None, gx, None, None, None
 
 
@@ -216,7 +234,8 @@ def identity(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, epsilo
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
     check_float("x", x)
-    return IdentityFn.apply(fn, x, epsilon, relevance, backend)
+    check_epsilon(epsilon)
+    return IdentityFn.apply(fn, x, epsilon, relevance, pin_backend(backend))
 
 
 # ---- stop ----------------------------------------------------------------------------------

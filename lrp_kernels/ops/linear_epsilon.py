@@ -20,7 +20,8 @@ import torch
 
 from .. import dispatch
 from ._common import (DEFAULT_EPSILON, check_epsilon, check_float, check_same_device,
-                      compute_dtype, stabilize)
+                      compute_dtype, is_zero, pin_backend, record_backward, record_forward,
+                      stabilize)
 
 
 def linear_epsilon_backward_torch(
@@ -74,6 +75,7 @@ class LinearEpsilonFn(torch.autograd.Function):
         ctx.epsilon, ctx.relevance, ctx.backend, ctx.recompute = epsilon, relevance, backend, recompute
         # recompute=True saves memory at long context: z is rebuilt in the backward
         ctx.save_for_backward(x, weight, bias, None if recompute else z)
+        record_forward(ctx, "linear_epsilon", (x,), z)
         return z
 
     @staticmethod
@@ -83,6 +85,8 @@ class LinearEpsilonFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = dispatch.call("linear_epsilon_backward", grad_z, x, weight, bias, z,
                                    ctx.epsilon, ctx.relevance, backend=ctx.backend)
+            # conservative only without a bias (the bias absorbs its share)
+            record_backward(ctx, (grad_x,), grad_z, ctx.relevance, lambda: is_zero(bias))
         return grad_x, None, None, None, None, None, None
 
 
@@ -98,4 +102,4 @@ def linear_epsilon(
 ) -> torch.Tensor:
     """``F.linear`` whose backward is the epsilon rule (relevance view by default)."""
     check_linear(x, weight, bias, epsilon)
-    return LinearEpsilonFn.apply(x, weight, bias, epsilon, relevance, backend, recompute)
+    return LinearEpsilonFn.apply(x, weight, bias, epsilon, relevance, pin_backend(backend), recompute)

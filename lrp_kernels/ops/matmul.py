@@ -20,7 +20,7 @@ import torch
 
 from .. import dispatch
 from ._common import (DEFAULT_EPSILON, check_epsilon, check_float, check_same_device,
-                      compute_dtype, stabilize)
+                      compute_dtype, pin_backend, record_backward, record_forward, stabilize)
 
 
 def _matmul_shapes(a: torch.Tensor, b: torch.Tensor):
@@ -73,6 +73,7 @@ class MatmulUEFn(torch.autograd.Function):
         o = torch.matmul(a, b)
         ctx.epsilon, ctx.relevance, ctx.backend = epsilon, relevance, backend
         ctx.save_for_backward(a, b, o)
+        record_forward(ctx, "matmul", (a, b), o)
         return o
 
     @staticmethod
@@ -81,6 +82,7 @@ class MatmulUEFn(torch.autograd.Function):
         need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ga, gb = dispatch.call("matmul_ue_backward", grad_o, a, b, o, ctx.epsilon, ctx.relevance,
                                need_a, need_b, backend=ctx.backend)
+        record_backward(ctx, (ga, gb), grad_o, ctx.relevance, True)
         return ga, gb, None, None, None
 
 
@@ -104,4 +106,9 @@ def matmul(
     if ka != kb:
         raise ValueError(f"a's last dim ({ka}) must equal b's contraction dim ({kb}); "
                          f"got a {tuple(a.shape)}, b {tuple(b.shape)}")
-    return MatmulUEFn.apply(a, b, epsilon, relevance, backend)
+    try:
+        _matmul_shapes(a, b)
+    except RuntimeError:
+        raise ValueError(f"a's and b's batch dims must broadcast, got a {tuple(a.shape)}, "
+                         f"b {tuple(b.shape)}") from None
+    return MatmulUEFn.apply(a, b, epsilon, relevance, pin_backend(backend))

@@ -29,7 +29,8 @@ from typing import Optional
 import torch
 
 from .. import dispatch
-from ._common import check_epsilon, check_float, check_same_device, compute_dtype, stabilize
+from ._common import (check_epsilon, check_float, check_same_device, compute_dtype, is_zero, pin_backend,
+                      record_backward, record_forward, stabilize)
 
 
 def rms_norm_forward_torch(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float):
@@ -108,14 +109,17 @@ class RMSNormIdentityFn(torch.autograd.Function):
         y, rstd = dispatch.call("rms_norm_forward", x, weight, eps, backend=backend)
         ctx.relevance, ctx.backend = relevance, backend
         ctx.save_for_backward(weight, rstd)
+        record_forward(ctx, "rms_norm_identity", (x,), y)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         if ctx.relevance:
-            return grad_y, None, None, None, None
-        weight, rstd = ctx.saved_tensors
-        gx = dispatch.call("rms_norm_backward", grad_y, weight, rstd, backend=ctx.backend)
+            gx = grad_y
+        else:
+            weight, rstd = ctx.saved_tensors
+            gx = dispatch.call("rms_norm_backward", grad_y, weight, rstd, backend=ctx.backend)
+        record_backward(ctx, (gx,), grad_y, ctx.relevance, True)
         return gx, None, None, None, None
 
 
@@ -123,7 +127,7 @@ def rms_norm_identity(x: torch.Tensor, weight: Optional[torch.Tensor] = None, ep
                       relevance: bool = True, backend: Optional[str] = None) -> torch.Tensor:
     """RMSNorm over the last dim with the identity rule."""
     _check_norm(x, weight, None, eps)
-    return RMSNormIdentityFn.apply(x, weight, eps, relevance, backend)
+    return RMSNormIdentityFn.apply(x, weight, eps, relevance, pin_backend(backend))
 
 
 class LayerNormFn(torch.autograd.Function):
@@ -132,6 +136,7 @@ class LayerNormFn(torch.autograd.Function):
         y, mu, rstd = dispatch.call("layer_norm_forward", x, weight, bias, eps, backend=backend)
         ctx.epsilon, ctx.relevance, ctx.backend = epsilon, relevance, backend
         ctx.save_for_backward(x, weight, bias, mu, rstd)
+        record_forward(ctx, "layer_norm", (x,), y)
         return y
 
     @staticmethod
@@ -139,6 +144,8 @@ class LayerNormFn(torch.autograd.Function):
         x, weight, bias, mu, rstd = ctx.saved_tensors
         gx = dispatch.call("layer_norm_backward", grad_y, x, weight, bias, mu, rstd, ctx.epsilon,
                            ctx.relevance, backend=ctx.backend)
+        # epsilon on "+ b": the bias absorbs its share, conservative only without one
+        record_backward(ctx, (gx,), grad_y, ctx.relevance, lambda: is_zero(bias))
         return gx, None, None, None, None, None, None
 
 
@@ -149,7 +156,7 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Opt
     ``eps`` is the norm's own variance epsilon)."""
     _check_norm(x, weight, bias, eps)
     check_epsilon(epsilon)
-    return LayerNormFn.apply(x, weight, bias, eps, epsilon, relevance, backend)
+    return LayerNormFn.apply(x, weight, bias, eps, epsilon, relevance, pin_backend(backend))
 
 
 class NormalizeFn(torch.autograd.Function):
@@ -158,14 +165,19 @@ class NormalizeFn(torch.autograd.Function):
         norm = x.norm(p=p, dim=dim, keepdim=True).clamp_min(eps)
         ctx.relevance = relevance
         ctx.save_for_backward(norm)
-        return x / norm
+        y = x / norm
+        record_forward(ctx, "normalize", (x,), y)
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):
         if ctx.relevance:
-            return grad_y, None, None, None, None
-        (norm,) = ctx.saved_tensors
-        return grad_y / norm, None, None, None, None
+            gx = grad_y
+        else:
+            (norm,) = ctx.saved_tensors
+            gx = grad_y / norm
+        record_backward(ctx, (gx,), grad_y, ctx.relevance, True)
+        return gx, None, None, None, None
 
 
 def normalize(x: torch.Tensor, p: float = 2.0, dim: int = -1, eps: float = 1e-12, *,

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from .. import dispatch
-from ._common import check_float, compute_dtype, zero_masked
+from ._common import check_float, compute_dtype, pin_backend, record_backward, record_forward, zero_masked
 
 
 def softmax_dt_backward_torch(
@@ -52,6 +52,7 @@ class SoftmaxDTFn(torch.autograd.Function):
         s = torch.softmax(xs, dim, dtype=dtype)
         ctx.dim, ctx.temperature, ctx.relevance, ctx.backend = dim, temperature, relevance, backend
         ctx.save_for_backward(x, s)
+        record_forward(ctx, "softmax", (x,), s)
         return s
 
     @staticmethod
@@ -59,6 +60,8 @@ class SoftmaxDTFn(torch.autograd.Function):
         x, s = ctx.saved_tensors
         grad_x = dispatch.call("softmax_dt_backward", grad_s, x, s, ctx.dim, ctx.temperature,
                                ctx.relevance, backend=ctx.backend)
+        # Deep Taylor with bias absorbs relevance: not conservative (SPEC)
+        record_backward(ctx, (grad_x,), grad_s, ctx.relevance, False)
         return grad_x, None, None, None, None, None
 
 
@@ -77,4 +80,5 @@ def softmax(
         raise ValueError(f"dim must be in [{-x.dim()}, {x.dim() - 1}] for x of shape {tuple(x.shape)}, got {dim}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    return SoftmaxDTFn.apply(x, dim % max(x.dim(), 1), dtype, float(temperature), relevance, backend)
+    return SoftmaxDTFn.apply(x, dim % max(x.dim(), 1), dtype, float(temperature), relevance,
+                             pin_backend(backend))
