@@ -1,0 +1,208 @@
+"""``lrp-kernels explain``: relevance heatmap of a causal LM's prediction for a prompt."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from . import CLIError
+
+SHIPPED_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             "assets", "recall-llama")
+OUTPUT_EXTS = (".html", ".htm", ".pdf", ".png", ".json")
+DTYPES = ("float32", "bfloat16", "float16")
+
+EPILOG = """\
+examples:
+  lrp-kernels explain "k7 = 23 ; k3 = 19 ; ? k3 =" --out heatmap.html
+  echo "k1 = 5 ; ? k1 =" | lrp-kernels explain - --out heatmap.json
+  lrp-kernels explain --file prompt.txt --model path/or/hub-id --generate 5 --out gen.html
+  lrp-kernels explain "k2 = 7 ; k9 = 3 ; ? k2 =" --target 7 --contrast 3
+
+The default model is the tiny key-value recall Llama shipped with lrp_kernels
+(prompts like "k7 = 23 ; k3 = 19 ; ? k3 =", answer "19").
+With --generate N and an output path, step i is written to NAME-i.EXT.
+"""
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "explain", help="explain a causal LM's next-token prediction as a token heatmap",
+        description="Explain what a causal language model predicts for a prompt with AttnLRP: "
+                    "the relevance of every prompt token (red: for, blue: against the target), "
+                    "printed as a top-k list and optionally written as a heatmap.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("prompt", nargs="?", help="the prompt text, or '-' to read it from stdin")
+    p.add_argument("--file", help="read the prompt from this file (UTF-8) instead")
+    p.add_argument("--model", default=None,
+                   help="local model folder or Hugging Face hub id (default: the shipped "
+                        "recall-llama model)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer path or id (default: --model)")
+    tg = p.add_argument_group("what to explain (default: the most likely next token)")
+    tg.add_argument("--target", help="a token string to explain, or id:N for token id N")
+    tg.add_argument("--continuation", help="a text after the prompt; explains the sum of its "
+                                           "tokens' logits")
+    tg.add_argument("--contrast", help="a foil token (string or id:N): explain logit(target) - logit(foil)")
+    tg.add_argument("--generate", type=int, metavar="N",
+                    help="generate N tokens greedily and explain each")
+    p.add_argument("--out", help="write the heatmap: .html, .pdf (needs xelatex/pdflatex), "
+                                 ".png (needs matplotlib) or .json")
+    p.add_argument("--rules", default="attnlrp", choices=("attnlrp", "gradient"),
+                   help="attnlrp (default) or plain gradient x input")
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "cpp", "triton"),
+                   help="kernel backend (default: auto)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="model dtype (default: float32)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if "
+                                                  "available, else cpu)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="refuse prompts longer than this many tokens (default: model context)")
+    p.add_argument("--epsilon", type=float, default=1e-6, help="LRP stabiliser (default: 1e-6)")
+    p.add_argument("--top", type=int, default=5, help="how many top tokens to print (default: 5)")
+    p.add_argument("--pdf-backend", default="xelatex", choices=("xelatex", "pdflatex"))
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+    return p
+
+
+def _read_prompt(args) -> str:
+    if args.file and args.prompt:
+        raise CLIError("give the prompt either as an argument or with --file, not both")
+    if args.file:
+        try:
+            with open(args.file, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as err:
+            raise CLIError(f"cannot read --file {args.file!r}: {err.strerror or err}") from None
+        except UnicodeDecodeError:
+            raise CLIError(f"--file {args.file!r} is not UTF-8 text") from None
+    elif args.prompt == "-":
+        text = sys.stdin.read()
+    elif args.prompt is not None:
+        text = args.prompt
+    else:
+        raise CLIError("no prompt: give it as an argument, '-' for stdin, or --file PATH")
+    text = text.rstrip("\n")
+    if not text.strip():
+        raise CLIError("the prompt is empty")
+    return text
+
+
+def _check_out(path: str, generate) -> None:
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in OUTPUT_EXTS:
+        raise CLIError(f"--out must end in .html, .pdf, .png or .json, got {path!r}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise CLIError(f"cannot write --out {path!r}: folder {folder!r} does not exist")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise CLIError(f"cannot write --out {path!r}: permission denied")
+    if ext == ".png":
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise CLIError("--out .png needs matplotlib (pip install matplotlib); "
+                           "use .html or .json instead") from None
+
+
+def _parse_token(value, option: str):
+    """A token string, or ``id:N`` for a token id (digits alone are a token string: "19")."""
+    if value is None or not value.startswith("id:"):
+        return value
+    try:
+        return int(value[3:])
+    except ValueError:
+        raise CLIError(f"{option} {value!r}: expected id:N with N a token id") from None
+
+
+def load(model_id: str, tokenizer_id: str, dtype: str, device: str, progress: bool):
+    """Model and tokenizer; one-line CLIError for a missing path or an unloadable model."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    looks_local = (os.path.sep in model_id or model_id.startswith(".")
+                   or os.path.exists(model_id))
+    if looks_local and not os.path.isdir(model_id):
+        raise CLIError(f"--model {model_id!r}: no such folder")
+    try:
+        tok = AutoTokenizer.from_pretrained(tokenizer_id)
+        model = AutoModelForCausalLM.from_pretrained(model_id,
+                                                     dtype=getattr(torch, dtype))
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CLIError(f"cannot load model {model_id!r}: {first}") from None
+    model.to(device).eval()
+    return model, tok
+
+
+def run(args) -> int:
+    import torch
+
+    from .. import explain as explain_mod
+
+    prompt = _read_prompt(args)
+    if args.out:
+        _check_out(args.out, args.generate)
+    if args.generate is not None and args.generate < 1:
+        raise CLIError(f"--generate must be a positive number of tokens, got {args.generate}")
+    if args.max_length is not None and args.max_length < 1:
+        raise CLIError(f"--max-length must be positive, got {args.max_length}")
+    if args.continuation is not None and args.target is not None:
+        raise CLIError("give either --target or --continuation, not both")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as err:
+        raise CLIError(f"--device {device!r} is not usable here: {str(err).splitlines()[0]}") from None
+    model_id = args.model or SHIPPED_MODEL
+    model, tok = load(model_id, args.tokenizer or model_id, args.dtype, device,
+                      not args.no_progress)
+
+    bar = None
+    progress = None
+    if args.generate and not args.no_progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=args.generate, desc="explaining generated tokens", file=sys.stderr)
+
+        def progress(done, total):
+            bar.update(done - bar.n)
+    try:
+        result = explain_mod.explain(
+            model, tok, prompt, _parse_token(args.target, '--target'), continuation=args.continuation,
+            contrast=_parse_token(args.contrast, '--contrast'), generate=args.generate, rules=args.rules,
+            epsilon=args.epsilon, backend=args.backend, max_length=args.max_length,
+            progress=progress)
+    except explain_mod.ExplainError as err:
+        raise CLIError(str(err)) from None
+    except Exception as err:
+        from ..dispatch import BackendUnavailableError
+        if isinstance(err, BackendUnavailableError):
+            raise CLIError(f"--backend {args.backend}: {err}") from None
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+
+    exps = result if isinstance(result, list) else [result]
+    for i, exp in enumerate(exps):
+        head = f"[{i}] " if len(exps) > 1 else ""
+        t = exp.target
+        what = repr(t.text) + (f" vs {t.foil_text!r}" if t.foil_text is not None else "")
+        print(f"{head}target {what}: logit {t.logit:.4g}, probability {t.probability:.4g}")
+        for idx, token, r in exp.top(args.top, absolute=True):
+            print(f"    {idx:>5}  {token!r:<20} {r:+.4g}")
+    if args.out:
+        from ..heatmap import HeatmapError
+        root, ext = os.path.splitext(args.out)
+        try:
+            for i, exp in enumerate(exps):
+                path = args.out if len(exps) == 1 else f"{root}-{i}{ext}"
+                if ext.lower() == ".pdf":
+                    exp.to_pdf(path, backend=args.pdf_backend)
+                else:
+                    exp.save(path)
+                print(f"wrote {path}")
+        except HeatmapError as err:
+            raise CLIError(str(err).splitlines()[0]) from None
+        except OSError as err:
+            raise CLIError(f"cannot write --out {args.out!r}: {err.strerror or err}") from None
+    return 0
