@@ -196,3 +196,75 @@ def mean_G(x, dim, G_z, eps, keepdim=False):
 def identity_G(fn, x, G_y, eps):
     x = d(x)
     return d(G_y) * fn(x) / stab(x, eps)
+
+
+# ---- attention block: the unfused rules composed (uniform-epsilon, Deep Taylor, identity) -------
+
+def attention_allowed(B, H, N, M, causal=False, window=None, key_keep=None):
+    """[B, H, N, M] bool: query i sits at absolute position i + M - N (bottom-right aligned);
+    causal: k_pos <= q_pos; window w: q_pos - k_pos < w; key_keep [B, M] bool: padding."""
+    qpos = torch.arange(N)[:, None] + (M - N)
+    kpos = torch.arange(M)[None, :]
+    ok = torch.ones(N, M, dtype=torch.bool)
+    if causal:
+        ok &= kpos <= qpos
+    if window is not None:
+        ok &= (qpos - kpos) < window
+    ok = ok.expand(B, H, N, M).clone()
+    if key_keep is not None:
+        ok &= key_keep[:, None, None, :].bool()
+    return ok
+
+
+def _attention_forward(Q, K, V, scale, allowed, bias, softcap):
+    Q, K, V = d(Q), d(K), d(V)
+    G = Q.shape[1] // K.shape[1]
+    Kr, Vr = K.repeat_interleave(G, 1), V.repeat_interleave(G, 1)  # head h uses kv head h // G
+    S0 = torch.einsum("bhnd,bhmd->bhnm", Q, Kr)
+    x = scale * S0 if softcap is None else scale * S0 / softcap
+    Sc = x if softcap is None else softcap * torch.tanh(x)
+    S = Sc if bias is None else Sc + d(bias)
+    if allowed is not None:
+        S = torch.where(allowed, S, torch.full_like(S, float("-inf")))
+    rowmax = S.amax(-1, keepdim=True)
+    dead = torch.isneginf(rowmax)
+    E = torch.exp(S - torch.where(dead, torch.zeros_like(rowmax), rowmax))
+    den = E.sum(-1, keepdim=True)
+    P = torch.where(dead, torch.zeros_like(E), E / torch.where(dead, torch.ones_like(den), den))
+    O = P @ Vr
+    return Q, Kr, Vr, S0, x, S, P, O, G
+
+
+def _group_sum(T, G):
+    B, Hq, M, D = T.shape
+    return T.reshape(B, Hq // G, G, M, D).sum(2)
+
+
+def attention_G(Q, K, V, G_O, scale, eps, allowed=None, bias=None, softcap=None, cp=False):
+    """Gradient view of the attention block built from the per-op rules of SPEC:
+    O = P @ V (uniform-epsilon), P = softmax(S) (plain gradient), S = softcap*tanh(x)
+    (identity), S0 = Q @ K^T (uniform-epsilon), scale and mask constants. Returns O, G_Q, G_K, G_V.
+    cp: P constant (CP-LRP): G_Q = G_K = 0, V gets the whole epsilon rule."""
+    Q, Kr, Vr, S0, x, S, P, O, G = _attention_forward(Q, K, V, scale, allowed, bias, softcap)
+    if cp:
+        _, GVr = matmul_G(P, Vr, G_O, eps, share=1.0)
+        return O, torch.zeros_like(Q), torch.zeros_like(d(K)), _group_sum(GVr, G)
+    GP, GVr = matmul_G(P, Vr, G_O, eps)
+    GS = softmax_G(S, GP, dim=-1)
+    if softcap is not None:
+        GS = identity_G(torch.tanh, x, softcap * GS, eps) / softcap
+    GQ, GKt = matmul_G(Q, Kr.transpose(-1, -2), scale * GS, eps)
+    return O, GQ, _group_sum(GKt.transpose(-1, -2), G), _group_sum(GVr, G)
+
+
+def attention_R(Q, K, V, R_O, scale, eps, allowed=None, cp=False):
+    """Relevance view from the per-op relevance rules (0 / -inf masks, no soft-cap):
+    R_P, R_V from P @ V; R_S = Deep Taylor; R_S0 = R_S (constant scale); R_Q, R_K from Q @ K^T."""
+    Q, Kr, Vr, S0, x, S, P, O, G = _attention_forward(Q, K, V, scale, allowed, None, None)
+    if cp:
+        _, RVr = matmul_R(P, Vr, R_O, eps, share=1.0)
+        return O, torch.zeros_like(Q), torch.zeros_like(d(K)), _group_sum(RVr, G)
+    RP, RVr = matmul_R(P, Vr, R_O, eps)
+    RS = softmax_R(S, RP, dim=-1)
+    RQ, RKt = matmul_R(Q, Kr.transpose(-1, -2), RS, eps)
+    return O, RQ, _group_sum(RKt.transpose(-1, -2), G), _group_sum(RVr, G)
