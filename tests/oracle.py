@@ -198,6 +198,119 @@ def identity_G(fn, x, G_y, eps):
     return d(G_y) * fn(x) / stab(x, eps)
 
 
+# ---- additions (appended): multi-dim mean, torch.matmul 1-D promotion, normalize ------------
+
+def _mean_dims(x, dims):
+    dims = tuple(range(x.dim())) if dims is None else tuple(k % x.dim() for k in dims)
+    n = 1
+    for k in dims:
+        n *= x.shape[k]
+    return dims, n
+
+
+def _unsqueeze_dims(t, dims):
+    for k in sorted(dims):
+        t = t.unsqueeze(k)
+    return t
+
+
+def mean_dims_R(x, dims, R_z, eps, keepdim=False):
+    """R_x = x * R_z / (n stab(z)) broadcast over the reduced dims (dims=None: all)."""
+    x = d(x)
+    dims, n = _mean_dims(x, dims)
+    z = x.sum(dims, keepdim=True) / n
+    R = d(R_z) if keepdim else _unsqueeze_dims(d(R_z), dims)
+    return x * (R.reshape(z.shape) / stab(z, eps)) / n
+
+
+def mean_dims_G(x, dims, G_z, eps, keepdim=False):
+    x = d(x)
+    dims, n = _mean_dims(x, dims)
+    z = x.sum(dims, keepdim=True) / n
+    G = d(G_z) if keepdim else _unsqueeze_dims(d(G_z), dims)
+    return (G.reshape(z.shape) * z / stab(z, eps) / n).expand_as(x)
+
+
+def _promote(A, B, G_O):
+    """torch.matmul's 1-D rules: a 1-D A is a row, a 1-D B a column (removed from O again)."""
+    A, B, G = d(A), d(B), d(G_O)
+    if A.dim() == 1:
+        A, G = A.unsqueeze(0), G.unsqueeze(-1 if B.dim() == 1 else -2)
+    if B.dim() == 1:
+        B, G = B.unsqueeze(-1), G.unsqueeze(-1)
+    return A, B, G
+
+
+def matmul_any_R(A, B, R_O, eps, share=2.0):
+    A2, B2, R2 = _promote(A, B, R_O)
+    RA, RB = matmul_R(A2, B2, R2, eps, share)
+    return RA.reshape(A.shape), RB.reshape(B.shape)
+
+
+def matmul_any_G(A, B, G_O, eps, share=2.0):
+    A2, B2, G2 = _promote(A, B, G_O)
+    GA, GB = matmul_G(A2, B2, G2, eps, share)
+    return GA.reshape(A.shape), GB.reshape(B.shape)
+
+
+def normalize_G(x, G_y, p, dim, eps):
+    """Identity rule with the norm a constant: G_x = G_y / max(||x||_p, eps)."""
+    x = d(x)
+    return d(G_y) / x.norm(p=p, dim=dim, keepdim=True).clamp_min(eps)
+
+
+# ---- rules for any function (SPEC last rows), from explicit float64 Jacobians ------------------
+
+def _jacobians(fn, inputs):
+    """J[k][i] as a (y_k.numel, x_i.numel) matrix, outputs y = fn(*inputs) (tuple), all float64."""
+    xs = tuple(d(x) for x in inputs)
+    ys = fn(*xs)
+    ys = ys if isinstance(ys, tuple) else (ys,)
+
+    def as_tuple(*a):
+        y = fn(*a)
+        return y if isinstance(y, tuple) else (y,)
+
+    J = torch.autograd.functional.jacobian(as_tuple, xs)
+    return xs, ys, [[J[k][i].reshape(ys[k].numel(), xs[i].numel()) for i in range(len(xs))]
+                    for k in range(len(ys))]
+
+
+def generic_epsilon_R(fn, inputs, R_outs, eps, receive=None, share=False):
+    """R_i = x_i * sum_k J_ki^T (R_k / (n stab(y_k))); only inputs with receive[i] get relevance
+    (others None); n = number of receivers if share (uniform-epsilon) else 1."""
+    xs, ys, J = _jacobians(fn, inputs)
+    receive = receive or [True] * len(xs)
+    n = sum(receive) if share else 1
+    out = []
+    for i, x in enumerate(xs):
+        if not receive[i]:
+            out.append(None)
+            continue
+        acc = torch.zeros(x.numel(), dtype=f64)
+        for k, y in enumerate(ys):
+            acc += J[k][i].T @ (d(R_outs[k]).reshape(-1) / (n * stab(y, eps).reshape(-1)))
+        out.append(x * acc.reshape(x.shape))
+    return out
+
+
+def generic_taylor_R(fn, inputs, R_outs, eps, bias=True, reference=None):
+    """R_i = (x_i - r_i) * sum_k J_ki(x)^T (R_k / D_k), D_k = stab(y_k) with bias, else
+    stab(sum_i J_ki(x) (x_i - r_i)); r = 0 when reference is None."""
+    xs, ys, J = _jacobians(fn, inputs)
+    refs = [torch.zeros_like(x) for x in xs] if reference is None else [d(r).expand_as(x) for r, x in zip(reference, xs)]
+    deltas = [(x - r).reshape(-1) for x, r in zip(xs, refs)]
+    denoms = []
+    for k, y in enumerate(ys):
+        lin = sum(J[k][i] @ deltas[i] for i in range(len(xs)))
+        denoms.append(stab(y.reshape(-1) if bias else lin, eps))
+    out = []
+    for i, x in enumerate(xs):
+        acc = sum(J[k][i].T @ (d(R_outs[k]).reshape(-1) / denoms[k]) for k in range(len(ys)))
+        out.append((deltas[i] * acc).reshape(x.shape))
+    return out
+
+
 # ---- attention block: the unfused rules composed (uniform-epsilon, Deep Taylor, identity) -------
 
 def attention_allowed(B, H, N, M, causal=False, window=None, key_keep=None):
