@@ -1,0 +1,212 @@
+"""Gradient-view rules installed on module *instances* (no class is ever modified).
+
+Each ``install_*`` takes the patch context, the module's name and the module, and rebinds that
+one instance's forward (``ctx.rebind``) so the forward values are unchanged and the backward is
+the SPEC rule in the gradient view (relevance of ``t`` = ``t * t.grad``):
+
+* ``nn.Linear`` (plain forward)      -> :func:`lrp_kernels.grad.linear_epsilon` (dispatched kernel)
+* GPT-2 ``Conv1D`` (``x @ W + b``)     -> the same, on ``W.T`` (a view, no copy)
+* any other module that acts linearly (``nn.Conv*d``, quantised linears such as bitsandbytes
+  ``Linear4bit`` / ``Linear8bitLt``, GPTQ/AWQ ``QuantLinear``, subclasses of ``nn.Linear`` with
+  their own forward): the epsilon rule for any module, ``G_x = vjp(f, x)(G_y * y / stab(y))``:
+  the module's own forward and plain backward, with the incoming gradient scaled by
+  ``y / stab(y)`` (:class:`EpsilonOutputFn`), so a dequantising forward is explained exactly as
+  the linear map it computes.
+* RMSNorm (``w`` or Gemma's ``1 + w``)  -> :func:`lrp_kernels.grad.rms_norm_identity`
+* ``nn.LayerNorm``                     -> :func:`lrp_kernels.grad.layer_norm` (std detached)
+* element-wise activations            -> :func:`lrp_kernels.grad.identity` (identity rule)
+* dropout                             -> the identity function (no dropout while patched)
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import grad
+from ..ops._common import compute_dtype, stabilize
+
+try:  # GPT-2 style "Conv1D" (a linear layer with a transposed weight)
+    from transformers.pytorch_utils import Conv1D
+except Exception:  # pragma: no cover - transformers is a dependency
+    Conv1D = ()
+
+
+class EpsilonOutputFn(torch.autograd.Function):
+    """Forward: ``y`` unchanged. Backward: ``G_y * y / stab(y)`` (in fp32 or higher).
+
+    Placed on a module's output, the module's own plain backward then computes the epsilon rule
+    for any linear-acting module: ``G_x = vjp(f, x)(G_y * y / stab(y))`` (SPEC, last rows).
+    """
+
+    @staticmethod
+    def forward(ctx, y, epsilon):
+        ctx.epsilon = epsilon
+        ctx.save_for_backward(y)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (y,) = ctx.saved_tensors
+        cd = compute_dtype(grad_y, y)
+        return (grad_y.to(cd) * y.to(cd) / stabilize(y, ctx.epsilon)).to(grad_y.dtype), None
+
+
+# ---- classification helpers ----------------------------------------------------------------
+
+_TORCH_ELEMENTWISE = (nn.SiLU, nn.GELU, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.Mish, nn.LeakyReLU, nn.ELU,
+                      nn.SELU, nn.CELU, nn.Softplus, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh,
+                      nn.ReLU6, nn.Identity, nn.Softsign, nn.Tanhshrink)
+
+
+def _hf_activation_classes() -> tuple[type, ...]:
+    """transformers' element-wise activation modules (ACT2FN values)."""
+    try:
+        from transformers import activations as act
+    except Exception:  # pragma: no cover
+        return ()
+    return tuple(c for c in vars(act).values()
+                 if isinstance(c, type) and issubclass(c, nn.Module) and c.__module__ == act.__name__)
+
+
+ELEMENTWISE_ACTIVATIONS: tuple[type, ...] = _TORCH_ELEMENTWISE + _hf_activation_classes()
+
+
+def is_elementwise_activation(module: nn.Module) -> bool:
+    return isinstance(module, ELEMENTWISE_ACTIVATIONS)
+
+
+def looks_like_nonlinearity(module: nn.Module) -> bool:
+    """A module from torch's or transformers' activation collections that we have no rule for."""
+    mod = type(module).__module__
+    return mod in ("torch.nn.modules.activation", "transformers.activations") and not is_elementwise_activation(module)
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    return bool(Conv1D) and isinstance(module, Conv1D)
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """Modules that act linearly on their input but are not a plain ``nn.Linear``."""
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return True
+    if isinstance(module, nn.Linear):  # subclass with its own forward (e.g. bnb Linear4bit)
+        return True
+    return "Linear" in type(module).__name__ and hasattr(module, "weight")
+
+
+def is_rms_norm(module: nn.Module, extra_names: tuple[str, ...] = ()) -> bool:
+    name = type(module).__name__
+    return (name.endswith("RMSNorm") or name in extra_names or isinstance(module, getattr(nn, "RMSNorm", ()))) \
+        and getattr(module, "weight", None) is not None
+
+
+def is_dropout(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout))
+
+
+# ---- installers ----------------------------------------------------------------------------
+
+def install_linear(ctx, name: str, module: nn.Linear) -> None:
+    def forward(x):
+        return grad.linear_epsilon(x, module.weight, module.bias, ctx.epsilon, backend=ctx.backend)
+    ctx.rebind(module, lambda orig: forward)
+
+
+def install_conv1d(ctx, name: str, module: nn.Module) -> None:
+    def forward(x):
+        return grad.linear_epsilon(x, module.weight.t(), module.bias, ctx.epsilon, backend=ctx.backend)
+    ctx.rebind(module, lambda orig: forward)
+
+
+def install_generic_epsilon(ctx, name: str, module: nn.Module) -> None:
+    def make(orig):
+        def forward(*args, **kwargs):
+            return EpsilonOutputFn.apply(orig(*args, **kwargs), ctx.epsilon)
+        return forward
+    ctx.rebind(module, make)
+
+
+def rms_norm_eps(module: nn.Module) -> float:
+    for attr in ("variance_epsilon", "eps", "epsilon"):
+        value = getattr(module, attr, None)
+        if isinstance(value, (int, float)):
+            return float(value)
+    return 1e-6
+
+
+def install_rms_norm(ctx, name: str, module: nn.Module, weight_offset: float = 0.0) -> None:
+    """``y = (offset + w) * x * rstd`` with ``rstd`` constant in the backward (identity rule)."""
+    eps = rms_norm_eps(module)
+    if isinstance(module, getattr(nn, "RMSNorm", ())) and module.eps is None:
+        eps = None
+
+    def forward(x):
+        w = module.weight
+        if weight_offset:
+            w = w.float() + weight_offset
+        e = torch.finfo(x.dtype).eps if eps is None else eps
+        return grad.rms_norm_identity(x, w, e, backend=ctx.backend)
+    ctx.rebind(module, lambda orig: forward)
+
+
+def install_layer_norm(ctx, name: str, module: nn.LayerNorm) -> None:
+    if len(module.normalized_shape) != 1:
+        raise NotImplementedError(f"{name}: LayerNorm over {module.normalized_shape} (only the last dim is supported)")
+
+    def forward(x):
+        return grad.layer_norm(x, module.weight, module.bias, module.eps, ctx.epsilon, backend=ctx.backend)
+    ctx.rebind(module, lambda orig: forward)
+
+
+def install_activation(ctx, name: str, module: nn.Module) -> None:
+    def make(orig):
+        def forward(x):
+            return grad.identity(orig, x, ctx.epsilon, backend=ctx.backend)
+        return forward
+    ctx.rebind(module, make)
+
+
+def install_dropout(ctx, name: str, module: nn.Module) -> None:
+    ctx.rebind(module, lambda orig: (lambda x, *a, **k: x))
+
+
+def install_stop_input(ctx, name: str, module: nn.Module) -> None:
+    """The module's output is a constant for relevance (used for MoE routers)."""
+    def make(orig):
+        def forward(x, *args, **kwargs):
+            return orig(x.detach(), *args, **kwargs)
+        return forward
+    ctx.rebind(module, make)
+
+
+def gated_mlp_forward(ctx, module: nn.Module, gate: str = "gate_proj", up: str = "up_proj",
+                      down: str = "down_proj", act: str = "act_fn"):
+    """``down(act(gate(x)) * up(x))`` with the uniform rule on the product (grad.mul2)."""
+    g, u, d, a = (getattr(module, n) for n in (gate, up, down, act))
+
+    def forward(x):
+        return d(grad.mul2(a(g(x)), u(x), backend=ctx.backend))
+    return forward
+
+
+def install_gated_mlp(ctx, name: str, module: nn.Module) -> None:
+    ctx.rebind(module, lambda orig: gated_mlp_forward(ctx, module))
+
+
+def install_nothing(ctx, name: str, module: nn.Module) -> None:
+    """Modules with no rule needed in the gradient view (embedding lookups, constants)."""
+
+
+def softcap_identity(ctx, x: torch.Tensor, cap: float) -> torch.Tensor:
+    """``cap * tanh(x / cap)`` with the identity rule (element-wise non-linearity)."""
+    return grad.identity(lambda t: torch.tanh(t / cap) * cap, x, ctx.epsilon, backend=ctx.backend)
+
+
+def stop(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if x is None else x.detach()
