@@ -1,0 +1,334 @@
+"""Classic LRP rules against a float64 reference built from the layer's explicit matrix.
+
+The reference never calls the rules: a Linear layer is its weight matrix ``W``; a convolution
+is unfolded here into its Toeplitz matrix ``M`` (one row per output element, one column per
+input element) by index arithmetic from the kernel, stride, padding, dilation and groups, and
+checked against ``F.conv`` first. Each rule is then the explicit formula on
+``Z_kj = M_kj x_j`` (see the table in lrp_kernels/lrp_rules.py).
+"""
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from lrp_kernels import lrp_rules as R
+
+f64 = torch.float64
+
+
+# ----------------------------------------------------------------------------- explicit matrices
+
+def toeplitz(conv: nn.Module, in_shape):
+    """(M, C): M[out_flat, in_flat] the conv as a matrix, C the 0/1 connectivity (in range)."""
+    w = conv.weight.detach().to(f64)
+    cin, *spatial = in_shape
+    cout, cin_g, *ks = w.shape
+    nd = len(spatial)
+    groups = conv.groups
+    cout_g = cout // groups
+    st, pd, dl = conv.stride, conv.padding, conv.dilation
+    out_sp = [(spatial[d] + 2 * pd[d] - dl[d] * (ks[d] - 1) - 1) // st[d] + 1 for d in range(nd)]
+    n_in = cin * int(torch.tensor(spatial).prod())
+    n_out = cout * int(torch.tensor(out_sp).prod())
+    M = torch.zeros(n_out, n_in, dtype=f64)
+    C = torch.zeros(n_out, n_in, dtype=f64)
+
+    def flat(c, pos, sp):
+        idx = c
+        for p, s in zip(pos, sp):
+            idx = idx * s + p
+        return idx
+
+    for co in range(cout):
+        g = co // cout_g
+        for opos in itertools.product(*[range(s) for s in out_sp]):
+            row = flat(co, opos, out_sp)
+            for ci in range(cin_g):
+                cin_abs = g * cin_g + ci
+                for kpos in itertools.product(*[range(k) for k in ks]):
+                    ipos = [opos[d] * st[d] - pd[d] + kpos[d] * dl[d] for d in range(nd)]
+                    if all(0 <= ipos[d] < spatial[d] for d in range(nd)):
+                        col = flat(cin_abs, ipos, spatial)
+                        M[row, col] += w[(co, ci) + tuple(kpos)]
+                        C[row, col] = 1.0
+    bias = None
+    if conv.bias is not None:
+        bias = conv.bias.detach().to(f64).repeat_interleave(int(torch.tensor(out_sp).prod()))
+    return M, C, bias, (cout, *out_sp)
+
+
+def linear_matrix(lin: nn.Linear):
+    W = lin.weight.detach().to(f64)
+    b = None if lin.bias is None else lin.bias.detach().to(f64)
+    return W, torch.ones_like(W), b
+
+
+# ----------------------------------------------------------------------------- reference rules
+
+def stab(z, eps):
+    return z + eps * torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
+
+
+def pos(t):
+    return t.clamp(min=0)
+
+
+def neg(t):
+    return t.clamp(max=0)
+
+
+def ref_rule(name, x, M, C, b, R_out, eps, **kw):
+    """x: [n_in], M/C: [n_out, n_in], b: [n_out] or None, R_out: [n_out] -> R_x [n_in]."""
+    b = torch.zeros(M.shape[0], dtype=f64) if b is None else b
+    Z = M * x[None, :]
+    if name == "epsilon":
+        return (Z / stab(Z.sum(1) + b, eps)[:, None] * R_out[:, None]).sum(0)
+    if name in ("zplus", "alphabeta"):
+        Qp, Qn = pos(Z), neg(Z)
+        Rp = (Qp / stab(Qp.sum(1) + pos(b), eps)[:, None] * R_out[:, None]).sum(0)
+        if name == "zplus":
+            return Rp
+        Rn = (Qn / stab(Qn.sum(1) + neg(b), eps)[:, None] * R_out[:, None]).sum(0)
+        return kw["alpha"] * Rp - kw["beta"] * Rn
+    if name == "gamma":
+        g = kw["gamma"]
+        z = Z.sum(1) + b
+        up = (z >= 0)[:, None]
+        Q = torch.where(up, Z + g * pos(Z), Z + g * neg(Z))
+        den = Q.sum(1) + torch.where(z >= 0, b + g * pos(b), b + g * neg(b))
+        return (Q / stab(den, eps)[:, None] * R_out[:, None]).sum(0)
+    if name == "flat":
+        return (C / stab(C.sum(1), eps)[:, None] * R_out[:, None]).sum(0)
+    if name == "wsquare":
+        Q = M * M
+        return (Q / stab(Q.sum(1), eps)[:, None] * R_out[:, None]).sum(0)
+    if name == "zbox":
+        lo, hi = kw["low"], kw["high"]
+        Q = Z - lo[None, :] * pos(M) - hi[None, :] * neg(M)
+        return (Q / stab(Q.sum(1), eps)[:, None] * R_out[:, None]).sum(0)
+    raise ValueError(name)
+
+
+EPS = 1e-6
+
+
+def make_rule(name, relevance=True, zero_params=None, **kw):
+    if name == "epsilon":
+        return R.Epsilon(EPS, zero_params=zero_params, relevance=relevance)
+    if name == "zplus":
+        return R.ZPlus(EPS, zero_params=zero_params, relevance=relevance)
+    if name == "alphabeta":
+        return R.AlphaBeta(kw["alpha"], kw["beta"], EPS, zero_params=zero_params, relevance=relevance)
+    if name == "gamma":
+        return R.Gamma(kw["gamma"], EPS, zero_params=zero_params, relevance=relevance)
+    if name == "flat":
+        return R.Flat(EPS, zero_params=zero_params)
+    if name == "wsquare":
+        return R.WSquare(EPS, zero_params=zero_params)
+    if name == "zbox":
+        return R.ZBox(kw["low"], kw["high"], EPS, zero_params=zero_params)
+    raise ValueError(name)
+
+
+RULES = [
+    ("epsilon", {}),
+    ("zplus", {}),
+    ("alphabeta", {"alpha": 2.0, "beta": 1.0}),
+    ("alphabeta", {"alpha": 1.0, "beta": 0.0}),
+    ("gamma", {"gamma": 0.25}),
+    ("gamma", {"gamma": 0.0}),
+    ("gamma", {"gamma": 100.0}),
+    ("flat", {}),
+    ("wsquare", {}),
+    ("zbox", {}),
+]
+GRADIENT_VIEW = {"epsilon", "zplus", "alphabeta", "gamma"}
+
+
+def layers():
+    torch.manual_seed(0)
+    return {
+        "linear": (nn.Linear(7, 5), (3, 7)),
+        "conv1d": (nn.Conv1d(4, 6, 3, stride=2, padding=1), (2, 4, 9)),
+        "conv2d": (nn.Conv2d(4, 4, (3, 2), stride=(1, 2), padding=(1, 0), dilation=(2, 1), groups=2), (2, 4, 6, 5)),
+        "conv3d": (nn.Conv3d(2, 3, 2, stride=1, padding=1), (1, 2, 3, 3, 3)),
+    }
+
+
+def explicit(layer, x_shape):
+    if isinstance(layer, nn.Linear):
+        return linear_matrix(layer)
+    M, C, b, _ = toeplitz(layer, x_shape[1:])
+    return M, C, b
+
+
+@pytest.mark.parametrize("kind", ["conv1d", "conv2d", "conv3d"])
+def test_toeplitz_matches_conv(kind):
+    layer, shape = layers()[kind]
+    layer = layer.double()
+    x = torch.randn(shape, dtype=f64)
+    M, _, b, out_shape = toeplitz(layer, shape[1:])
+    ref = x.reshape(shape[0], -1) @ M.T + b
+    assert torch.allclose(layer(x).reshape(shape[0], -1), ref, atol=1e-12)
+
+
+def run_rule(rule, layer, x, R_out_fn, relevance):
+    """Apply ``rule`` to ``layer``; returns (relevance of x, output relevance used)."""
+    handle = rule.register(layer)
+    try:
+        x = x.clone().requires_grad_(True)
+        y = layer(x)
+        R_y = R_out_fn(y.detach())
+        g = R_y if relevance else R_y / y.detach()
+        y.backward(g)
+    finally:
+        handle.remove()
+    R_x = x.grad if relevance else x.detach() * x.grad
+    return R_x, R_y
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d", "conv3d"])
+@pytest.mark.parametrize("name,kw", RULES, ids=[f"{n}{'-'.join(str(v) for v in k.values())}" for n, k in RULES])
+@pytest.mark.parametrize("bias", ["bias", "no_bias", "zero_params"])
+def test_rule_matches_explicit_matrix(kind, name, kw, bias):
+    layer, shape = layers()[kind]
+    torch.manual_seed(1)
+    layer = layer.double()
+    if bias == "no_bias":
+        layer.bias = None
+    with torch.no_grad():
+        if layer.bias is not None:
+            layer.bias.normal_()
+    x = torch.randn(shape, dtype=f64)
+    kw = dict(kw)
+    if name == "zbox":
+        x = x.clamp(-1.5, 1.5)
+        kw["low"] = torch.full(shape, -1.5, dtype=f64)
+        kw["high"] = torch.full(shape, 1.5, dtype=f64)
+        kw["low"][..., 0] = -2.0  # bounds that vary over the input
+    zp = "bias" if bias == "zero_params" else None
+    M, C, b = explicit(layer, shape)
+    if zp:
+        b = None
+    rule = make_rule(name, zero_params=zp, **kw)
+    R_x, R_y = run_rule(rule, layer, x, lambda y: torch.randn_like(y), relevance=True)
+    for n in range(shape[0]):
+        extra = {}
+        if name == "zbox":
+            extra = {"low": kw["low"][n].reshape(-1), "high": kw["high"][n].reshape(-1)}
+        ref = ref_rule(name, x[n].reshape(-1), M, C, b, R_y[n].reshape(-1), EPS, **{**kw, **extra})
+        got = R_x[n].reshape(-1)
+        assert torch.allclose(got, ref, rtol=1e-9, atol=1e-10), (name, kind, bias, (got - ref).abs().max())
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+@pytest.mark.parametrize("name,kw", [r for r in RULES if r[0] in GRADIENT_VIEW],
+                         ids=[f"{n}{'-'.join(str(v) for v in k.values())}" for n, k in RULES if n in GRADIENT_VIEW])
+def test_gradient_view_gives_same_relevance(kind, name, kw):
+    layer, shape = layers()[kind]
+    torch.manual_seed(2)
+    layer = layer.double()
+    x = torch.randn(shape, dtype=f64)
+    M, C, b = explicit(layer, shape)
+    R_x, R_y = run_rule(make_rule(name, relevance=False, **kw), layer, x, lambda y: torch.randn_like(y), relevance=False)
+    for n in range(shape[0]):
+        ref = ref_rule(name, x[n].reshape(-1), M, C, b, R_y[n].reshape(-1), EPS, **kw)
+        assert torch.allclose(R_x[n].reshape(-1), ref, rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.parametrize("name,kw", [("epsilon", {}), ("gamma", {"gamma": 0.5}), ("alphabeta", {"alpha": 2.0, "beta": 1.0})])
+def test_float32_rule_close_to_float64_reference(name, kw):
+    torch.manual_seed(3)
+    layer = nn.Conv2d(3, 5, 3, padding=1)
+    shape = (2, 3, 5, 5)
+    x = torch.randn(shape)
+    M, C, b = explicit(layer, shape)
+    R_x, R_y = run_rule(make_rule(name, **kw), layer, x, lambda y: y.clone(), relevance=True)
+    for n in range(2):
+        ref = ref_rule(name, x[n].reshape(-1).double(), M, C, b, R_y[n].reshape(-1).double(), EPS, **kw)
+        err = (R_x[n].reshape(-1).double() - ref).norm() / ref.norm()
+        assert err < 1e-4, err
+
+
+def test_conservation_without_bias():
+    """alpha - beta = 1, ZPlus, Gamma, Flat, WSquare conserve relevance when there is no bias."""
+    torch.manual_seed(4)
+    layer = nn.Linear(6, 4, bias=False).double()
+    with torch.no_grad():  # every output has a positive and a negative contribution
+        layer.weight[:, 0], layer.weight[:, 1] = 1.0, -1.0
+    x = torch.randn(3, 6, dtype=f64)
+    x[:, :2] = 1.0
+    for rule in [R.ZPlus(), R.AlphaBeta(2, 1), R.Gamma(0.5), R.Flat(), R.WSquare(), R.Epsilon(1e-12)]:
+        R_x, R_y = run_rule(rule, layer, x, lambda y: torch.randn_like(y), relevance=True)
+        assert torch.allclose(R_x.sum(1), R_y.sum(1), atol=1e-8), type(rule).__name__
+
+
+def test_epsilon_linear_fast_path_matches_generic():
+    """Epsilon on nn.Linear goes through the linear_epsilon_backward kernel op; the generic
+    BasicHook (default arguments) gives the same numbers, in both views."""
+    from lrp_kernels.hooks import BasicHook
+    torch.manual_seed(5)
+    layer = nn.Linear(8, 5).double()
+    x = torch.randn(4, 8, dtype=f64)
+    for relevance in (True, False):
+        a, _ = run_rule(R.Epsilon(1e-3, relevance=relevance), layer, x, lambda y: y.clone(), relevance)
+        b, _ = run_rule(BasicHook(stabilizer=1e-3, relevance=relevance), layer, x, lambda y: y.clone(), relevance)
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_norm_rule_on_pooling_matches_explicit():
+    torch.manual_seed(6)
+    pool = nn.AvgPool2d(2)
+    x = torch.randn(1, 2, 4, 4, dtype=f64)
+    # avg-pool as a matrix: each output is 1/4 of its window
+    M = torch.zeros(8, 32, dtype=f64)
+    for c in range(2):
+        for i in range(2):
+            for j in range(2):
+                for di in range(2):
+                    for dj in range(2):
+                        M[c * 4 + i * 2 + j, c * 16 + (2 * i + di) * 4 + 2 * j + dj] = 0.25
+    R_x, R_y = run_rule(R.Norm(), pool, x, lambda y: torch.randn_like(y), relevance=True)
+    ref = ref_rule("epsilon", x.reshape(-1), M, None, None, R_y.reshape(-1), EPS)
+    assert torch.allclose(R_x.reshape(-1), ref, rtol=1e-9, atol=1e-10)
+
+
+def test_pass_rule_passes_relevance():
+    act = nn.Tanh()
+    x = torch.randn(3, 4, requires_grad=True)
+    h = R.Pass().register(act)
+    y = act(x)
+    r = torch.randn_like(y)
+    y.backward(r)
+    h.remove()
+    assert torch.equal(x.grad, r)
+
+
+def test_rules_without_gradient_view_refuse_it():
+    for cls, args in [(R.Flat, ()), (R.WSquare, ()), (R.ZBox, (0.0, 1.0))]:
+        with pytest.raises(ValueError, match="no gradient view"):
+            cls(*args, relevance=False)
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="gamma"):
+        R.Gamma(-1.0)
+    with pytest.raises(ValueError, match="alpha"):
+        R.AlphaBeta(-2.0, 1.0)
+    with pytest.raises(ValueError, match="epsilon"):
+        R.Epsilon(-1e-3)
+    with pytest.raises(ValueError, match="min or max"):
+        R.ClampMod()
+
+
+def test_rule_copies_keep_their_arguments():
+    for rule, attrs in [(R.Gamma(0.7, zero_params="bias"), {"gamma": 0.7}),
+                        (R.AlphaBeta(3.0, 2.0), {"alpha": 3.0, "beta": 2.0}),
+                        (R.ZBox(-1.0, 2.0), {"low": -1.0, "high": 2.0}),
+                        (R.Epsilon(0.3), {"epsilon": 0.3})]:
+        c = rule.copy()
+        assert type(c) is type(rule) and c is not rule
+        for k, v in attrs.items():
+            assert getattr(c, k) == v
+        assert c.param_modifiers[0] is not rule.param_modifiers[0]
