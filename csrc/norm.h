@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <type_traits>
 #include <tuple>
 
 namespace lrp {
@@ -58,6 +59,8 @@ at::Tensor layer_norm_backward(const at::Tensor& grad_y, const at::Tensor& x, co
 inline at::ScalarType acc_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
+template <typename T>
+using acc_t_of = std::conditional_t<std::is_same_v<T, double>, double, float>;
 inline at::Tensor param_as(const OptTensor& p, at::ScalarType acc) {
   return p.has_value() && p->defined() ? p->to(acc).contiguous() : at::Tensor();
 }
