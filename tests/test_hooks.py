@@ -1,0 +1,436 @@
+"""Hook / BasicHook / ParamMod / stabilize: the plumbing around the rules.
+
+References are written out from the formulas in float64 (per layer, by hand), never by
+calling the hooks.
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lrp_kernels import lrp_rules as R
+from lrp_kernels.hook_composites import (LayerMapComposite, NameMapComposite,
+                                         SpecialFirstLayerMapComposite)
+from lrp_kernels.hooks import BasicHook, Hook, ParamMod, stabilize
+
+f64 = torch.float64
+EPS = 1e-6
+
+
+def stab(z, eps=EPS):
+    return z + eps * torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
+
+
+def eps_linear(x, W, b, R_out, eps=EPS):
+    """R_x = x * ((R_z / stab(z)) @ W)."""
+    z = x @ W.T + (0 if b is None else b)
+    return x * ((R_out / stab(z, eps)) @ W)
+
+
+# ----------------------------------------------------------------------------- stabilize
+
+def test_stabilize_sign_of_zero_is_positive_and_never_flips():
+    x = torch.tensor([0.0, -0.0, 1e-9, -1e-9, 2.0, -3.0], dtype=f64)
+    s = stabilize(x, 1e-3)
+    assert torch.equal(s[:2], torch.tensor([1e-3, 1e-3], dtype=f64))
+    assert (torch.sign(s[2:]) == torch.sign(x[2:])).all()
+    assert torch.allclose(s, x + 1e-3 * torch.tensor([1, 1, 1, -1, 1, -1], dtype=f64))
+
+
+def test_stabilize_clip_and_norm_scale():
+    x = torch.tensor([0.0, 1e-5, -1e-5, 0.5, -2.0], dtype=f64)
+    c = stabilize(x, 1e-3, clip=True)
+    assert torch.equal(c, torch.tensor([1e-3, 1e-3, -1e-3, 0.5, -2.0], dtype=f64))
+    rms = x.pow(2).mean().sqrt()
+    n = stabilize(x, 1e-2, norm_scale=True)
+    assert torch.allclose(n, x + 1e-2 * rms * torch.tensor([1, 1, -1, 1, -1], dtype=f64))
+    y = torch.tensor([[3.0, 4.0], [0.0, 1e-3]], dtype=f64)
+    n = stabilize(y, 0.1, norm_scale=True, dim=1)
+    assert torch.allclose(n[0], y[0] + 0.1 * (12.5 ** 0.5))
+    assert stabilize(torch.zeros(3, dtype=torch.bfloat16)).dtype == torch.float32
+    with pytest.raises(ValueError, match="epsilon"):
+        stabilize(x, -1.0)
+
+
+# ----------------------------------------------------------------------------- Hook basics
+
+class GradTimesInput(Hook):
+    def forward(self, module, input, output):
+        self.stored_tensors["input"] = input
+
+    def backward(self, module, grad_input, grad_output):
+        return (self.stored_tensors["input"][0] * grad_input[0],)
+
+
+class ScaledNegative(Hook):
+    """A subclass with its own constructor arguments and no copy() of its own."""
+
+    def __init__(self, scale=0.2, *, offset=0.0):
+        super().__init__()
+        self.scale, self.offset = scale, offset
+
+    def forward(self, module, input, output):
+        self.stored_tensors["input"] = input
+
+    def backward(self, module, grad_input, grad_output):
+        x = self.stored_tensors["input"][0]
+        return (grad_input[0] * (x.clamp(min=0) + self.scale * x.clamp(max=0)) + self.offset,)
+
+
+def test_hook_backward_replaces_input_gradient():
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 3).double()
+    x = torch.randn(2, 4, dtype=f64, requires_grad=True)
+    h = GradTimesInput().register(lin)
+    y = lin(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    h.remove()
+    assert torch.allclose(x.grad, x.detach() * (g @ lin.weight.detach()))
+
+
+def test_copy_of_subclass_keeps_constructor_arguments():
+    hook = ScaledNegative(0.23, offset=0.5)
+    c = hook.copy()
+    assert type(c) is ScaledNegative and c is not hook
+    assert (c.scale, c.offset) == (0.23, 0.5)
+    assert c.stored_tensors == {} and c.stored_tensors is not hook.stored_tensors
+    # the copy computes the same thing, with its own state
+    lin = nn.Linear(3, 3)
+    x = torch.randn(2, 3, requires_grad=True)
+    results = []
+    for h in (hook, c):
+        x.grad = None
+        handle = h.register(lin)
+        y = lin(x)
+        y.backward(torch.ones_like(y))
+        handle.remove()
+        results.append(x.grad.clone())
+    assert torch.equal(results[0], results[1])
+
+
+def test_copy_of_basic_hook_subclass_binds_methods_to_the_copy():
+    class ZPlusNames(BasicHook):
+        def __init__(self, names=None):
+            self.names = [] if names is None else names
+            super().__init__(param_modifiers=[self._mod])
+
+        def _mod(self, param, name):
+            return param.clamp(min=0) if name in self.names else torch.zeros_like(param)
+
+    h = ZPlusNames(["weight"])
+    c = h.copy()
+    assert c.names == ["weight"]
+    assert c.param_modifiers[0].modifier.__self__ is c
+
+
+def test_backward_wrong_shape_is_a_clear_error():
+    class Bad(Hook):
+        def backward(self, module, grad_input, grad_output):
+            return (torch.zeros(5),)
+
+    lin = nn.Linear(3, 2)
+    x = torch.randn(4, 3, requires_grad=True)
+    h = Bad().register(lin)
+    with pytest.raises(RuntimeError, match="shape"):
+        lin(x).sum().backward()
+    h.remove()
+
+
+# ----------------------------------------------------------------------------- in place, shared, multi-input
+
+def test_inplace_relu_after_and_on_hooked_modules():
+    torch.manual_seed(1)
+    l1, l2 = nn.Linear(5, 6).double(), nn.Linear(6, 3).double()
+    model = nn.Sequential(l1, nn.ReLU(inplace=True), l2)
+    comp = LayerMapComposite([(nn.Linear, R.Epsilon()), (nn.ReLU, R.Pass())])
+    x = torch.randn(4, 5, dtype=f64, requires_grad=True)
+    with comp.context(model):
+        y = model(x)
+        y.backward(y)
+    # reference, layer by layer
+    W1, b1, W2, b2 = (t.detach() for t in (l1.weight, l1.bias, l2.weight, l2.bias))
+    h = x.detach() @ W1.T + b1
+    a = h.clamp(min=0)
+    y_ref = a @ W2.T + b2
+    R_a = eps_linear(a, W2, b2, y_ref)
+    R_x = eps_linear(x.detach(), W1, b1, R_a)   # Pass: R_h = R_a
+    assert torch.allclose(y.detach(), y_ref)
+    assert torch.allclose(x.grad, R_x, rtol=1e-9, atol=1e-12)
+
+
+def test_module_called_twice_keeps_per_call_state():
+    torch.manual_seed(2)
+    lin = nn.Linear(4, 4).double()
+    x = torch.randn(3, 4, dtype=f64, requires_grad=True)
+    hook = R.Epsilon(1e-3)
+    handle = hook.register(lin)
+    h1 = lin(x)
+    a = torch.tanh(h1)
+    y = lin(a)
+    y.backward(y)
+    handle.remove()
+    W, b = lin.weight.detach(), lin.bias.detach()
+    R_a = eps_linear(a.detach(), W, b, y.detach(), 1e-3)
+    # the tanh between the calls is not hooked, so its ordinary backward scales by (1 - a^2)
+    R_h1 = R_a * (1 - a.detach() ** 2)
+    R_x = eps_linear(x.detach(), W, b, R_h1, 1e-3)
+    assert torch.allclose(x.grad, R_x, rtol=1e-9, atol=1e-12)
+    assert hook.stored_tensors == {}  # remove() cleared everything
+
+
+class TwoInputs(nn.Module):
+    """y = scale * (a @ W1.T + b @ W2.T) (+ shift); non-tensor and keyword arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(3, 4, dtype=f64))
+        self.w2 = nn.Parameter(torch.randn(3, 2, dtype=f64))
+
+    def forward(self, a, b, scale, shift=None):
+        y = scale * (a @ self.w1.T + b @ self.w2.T)
+        return y if shift is None else y + shift
+
+
+def test_multi_input_module_with_non_tensor_args():
+    torch.manual_seed(3)
+    m = TwoInputs()
+    a = torch.randn(5, 4, dtype=f64, requires_grad=True)
+    b = torch.randn(5, 2, dtype=f64, requires_grad=True)
+    shift = torch.randn(3, dtype=f64)
+    h = BasicHook(stabilizer=1e-4).register(m)
+    y = m(a, b, 2.0, shift=shift)
+    R_y = torch.randn_like(y)
+    y.backward(R_y)
+    h.remove()
+    W1, W2 = m.w1.detach(), m.w2.detach()
+    z = 2.0 * (a.detach() @ W1.T + b.detach() @ W2.T) + shift
+    N = R_y / stab(z, 1e-4)
+    assert torch.allclose(a.grad, a.detach() * (2.0 * N @ W1), rtol=1e-9)
+    assert torch.allclose(b.grad, b.detach() * (2.0 * N @ W2), rtol=1e-9)
+
+
+def test_input_without_grad_is_left_alone():
+    m = TwoInputs()
+    a = torch.randn(2, 4, dtype=f64, requires_grad=True)
+    b = torch.randn(2, 2, dtype=f64)  # constant
+    h = BasicHook().register(m)
+    y = m(a, b, 1.0)
+    y.backward(y)
+    h.remove()
+    z = a.detach() @ m.w1.detach().T + b @ m.w2.detach().T
+    assert torch.allclose(a.grad, a.detach() * ((y.detach() / stab(z)) @ m.w1.detach()))
+
+
+def test_stored_input_modified_in_place_is_an_error():
+    lin = nn.Linear(3, 3)
+    x0 = torch.randn(2, 3, requires_grad=True)
+    x = x0 * 1.0
+    h = R.Gamma(0.5).register(lin)
+    y = lin(x)
+    x.mul_(2.0)
+    # either autograd (the gate's view of x) or the version check of the rule refuses it
+    with pytest.raises(RuntimeError, match="in ?place"):
+        y.sum().backward()
+    h.remove()
+    # frozen parameters: Linear saves nothing, so the rule's own version check must catch it
+    lin.requires_grad_(False)
+    x = x0 * 1.0
+    h = R.Gamma(0.5).register(lin)
+    y = lin(x)
+    x.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified in place after the forward"):
+        y.sum().backward()
+    h.remove()
+
+
+# ----------------------------------------------------------------------------- BasicHook / ParamMod
+
+def test_basic_hook_defaults_are_the_epsilon_rule_and_stabilizer_is_honoured():
+    torch.manual_seed(4)
+    lin = nn.Linear(5, 3).double()
+    x = torch.randn(2, 5, dtype=f64, requires_grad=True)
+    W, b = lin.weight.detach(), lin.bias.detach()
+    for stabilizer, eps in [(None, EPS), (0.5, 0.5), (lambda z: stab(z, 2.0), 2.0)]:
+        x.grad = None
+        hook = BasicHook() if stabilizer is None else BasicHook(stabilizer=stabilizer)
+        h = hook.register(lin)
+        y = lin(x)
+        y.backward(y)
+        h.remove()
+        assert torch.allclose(x.grad, eps_linear(x.detach(), W, b, y.detach(), eps), rtol=1e-9), eps
+
+
+def test_lrp0_custom_modifiers_and_mapper():
+    torch.manual_seed(5)
+    lin = nn.Linear(4, 4).double()
+    x = torch.randn(3, 4, dtype=f64, requires_grad=True)
+    hook = BasicHook(input_modifiers=[lambda t: t], param_modifiers=[lambda p, _: p],
+                     output_modifiers=[lambda o: o],
+                     gradient_mapper=lambda g, outs: [g / outs[0]],
+                     reducer=lambda ins, grads: ins[0] * grads[0])
+    h = hook.register(lin)
+    y = lin(x)
+    y.backward(y)
+    h.remove()
+    assert torch.allclose(x.grad, eps_linear(x.detach(), lin.weight.detach(), lin.bias.detach(), y.detach(), 0.0))
+
+
+def test_modifier_lists_of_different_length_are_rejected():
+    with pytest.raises(ValueError, match="one length"):
+        BasicHook(input_modifiers=[lambda t: t, lambda t: t], param_modifiers=[lambda p, n: p])
+
+
+def test_param_mod_never_touches_the_model():
+    torch.manual_seed(6)
+    lin = nn.Linear(4, 3)
+    params = {n: p for n, p in lin.named_parameters()}
+    before = {k: v.clone() for k, v in lin.state_dict().items()}
+    x = torch.randn(2, 4, requires_grad=True)
+    h = R.AlphaBeta(2, 1, zero_params="bias").register(lin)
+    y = lin(x)
+    y.backward(y)
+    h.remove()
+    assert {n: p for n, p in lin.named_parameters()} == params  # same Parameter objects
+    for k, v in lin.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert lin.weight.grad is not None  # ordinary parameter gradients still flow
+
+
+def test_param_mod_zero_and_keys():
+    lin = nn.Linear(3, 2)
+    mod = ParamMod(lambda p, name: p * 2, param_keys=["weight"], zero_params="bias")
+    out = mod(lin)
+    assert torch.equal(out["weight"], lin.weight.detach() * 2)
+    assert torch.equal(out["bias"], torch.zeros(2))
+    assert mod(nn.Linear(3, 2, bias=False)).keys() == {"weight"}  # missing zero_params: ignored
+
+
+def test_missing_required_param_raises_in_backward():
+    lin = nn.Linear(3, 2, bias=False)
+    hook = BasicHook(param_modifiers=[ParamMod(lambda p, n: p, param_keys=["weight", "bias"])])
+    h = hook.register(lin)
+    x = torch.randn(2, 3, requires_grad=True)
+    y = lin(x)  # the forward is fine
+    with pytest.raises(RuntimeError, match="bias"):
+        y.sum().backward()
+    h.remove()
+    hook = BasicHook(param_modifiers=[ParamMod(lambda p, n: p, param_keys=["weight", "bias"], require_params=False)])
+    h = hook.register(lin)
+    x.grad = None
+    lin(x).sum().backward()
+    h.remove()
+    assert torch.isfinite(x.grad).all()
+
+
+# ----------------------------------------------------------------------------- registration / removal
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+        self.pool = nn.AvgPool2d(2)
+        self.fc = nn.Linear(12, 4)
+        self.fc2 = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.pool(self.act(self.conv(x))).flatten(1)
+        h = self.fc(h)
+        return self.fc2(torch.relu(h)) + self.fc2(h)   # fc2 used twice
+
+
+def _snapshot(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            {n: p for n, p in model.named_parameters()})
+
+
+def _no_hooks(model):
+    for m in model.modules():
+        for d in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+                  "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs"):
+            assert len(getattr(m, d, {})) == 0, (type(m).__name__, d)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: LayerMapComposite([(nn.Conv2d, R.Gamma(0.25)), (nn.Linear, R.Epsilon()), (nn.ReLU, R.Pass()),
+                               (nn.AvgPool2d, R.Norm())]),
+    lambda: NameMapComposite([(("conv",), R.ZPlus()), (("fc", "fc2"), R.AlphaBeta(2, 1))]),
+    lambda: SpecialFirstLayerMapComposite([(nn.Linear, R.Gamma(0.1)), (nn.Conv2d, R.ZPlus())],
+                                          [(nn.Conv2d, R.ZBox(-2.0, 2.0))]),
+])
+def test_composites_register_and_remove_exactly(make):
+    torch.manual_seed(7)
+    model = Net()
+    x = torch.randn(2, 2, 4, 4, requires_grad=True)
+    y0 = model(x)
+    y0.backward(torch.ones_like(y0))
+    g0 = x.grad.clone()
+    state, params = _snapshot(model)
+    comp = make()
+    with comp.context(model) as m:
+        assert m is model and len(comp) > 0
+        rules = [h.hook for h in comp.handles]
+        assert len({id(r) for r in rules}) == len(rules)  # one copy per module
+        x.grad = None
+        y = model(x)
+        assert torch.equal(y, y0)  # forward unchanged
+        y.backward(y)
+        assert torch.isfinite(x.grad).all() and not torch.equal(x.grad, g0)
+    _no_hooks(model)
+    assert all(not h.hook.stored_tensors for h in comp.handles) and comp.handles == []
+    assert {n: p for n, p in model.named_parameters()} == params
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k])
+    x.grad = None
+    y1 = model(x)
+    y1.backward(torch.ones_like(y1))
+    assert torch.equal(y1, y0) and torch.equal(x.grad, g0)
+
+
+def test_special_first_layer_gets_first_rule():
+    model = Net()
+    comp = SpecialFirstLayerMapComposite([(nn.Conv2d, R.ZPlus()), (nn.Linear, R.Epsilon())],
+                                         [(nn.Conv2d, R.Flat())])
+    comp.register(model)
+    kinds = {type(h.module).__name__: type(h.hook).__name__ for h in comp.handles}
+    comp.remove()
+    assert kinds["Conv2d"] == "Flat" and kinds["Linear"] == "Epsilon"
+
+
+def test_name_map_unknown_name_is_an_error():
+    with pytest.raises(ValueError, match="no module named"):
+        NameMapComposite([(("nope",), R.Epsilon())]).register(Net())
+
+
+def test_composite_bad_layer_map_is_an_error():
+    with pytest.raises(TypeError, match="layer_map"):
+        LayerMapComposite([("Linear", R.Epsilon())])
+    with pytest.raises(TypeError, match="Hook"):
+        LayerMapComposite([(nn.Linear, lambda: None)])
+
+
+def test_graph_built_before_remove_passes_plain_gradient():
+    lin = nn.Linear(3, 3)
+    x = torch.randn(2, 3, requires_grad=True)
+    handle = R.Gamma(1.0).register(lin)
+    y = lin(x)
+    handle.remove()
+    y.backward(torch.ones_like(y))
+    assert torch.allclose(x.grad, torch.ones_like(y) @ lin.weight.detach())
+
+
+def test_no_grad_forward_does_not_gate():
+    lin = nn.Linear(3, 3)
+    h = R.Epsilon().register(lin)
+    with torch.no_grad():
+        y = lin(torch.randn(2, 3))
+    h.remove()
+    assert y.grad_fn is None
+
+
+def test_deepcopy_of_hooked_rule_template():
+    rule = R.Gamma(0.3)
+    c = copy.deepcopy(rule)
+    assert c.gamma == 0.3
