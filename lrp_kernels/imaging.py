@@ -1,0 +1,103 @@
+"""Image heatmaps of relevance: a diverging blue-white-red colour map and image grids.
+
+``imgify(heatmaps, vmin=-1, vmax=1, grid=(rows, cols))`` turns one 2-D array (or a list / a
+3-D stack of them) into a PIL image: blue for negative relevance (evidence against), white for
+zero, red for positive (evidence for). Without ``vmin``/``vmax`` the scale is symmetric around
+zero, ``[-m, m]`` with ``m = max |relevance|`` over all heatmaps, so colours are comparable
+between the cells of a grid. Needs numpy and Pillow (Pillow comes with matplotlib).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+__all__ = ["diverging_colors", "imgify", "heatmap_grid"]
+
+# anchors of the map: value 0 -> blue, 0.5 -> white, 1 -> red (RGB in [0, 1])
+_ANCHORS = np.array([[0.0, 0.0, 0.0, 1.0],
+                     [0.25, 0.45, 0.6, 1.0],
+                     [0.5, 1.0, 1.0, 1.0],
+                     [0.75, 1.0, 0.45, 0.35],
+                     [1.0, 1.0, 0.0, 0.0]])
+
+
+ArrayLike = Union[np.ndarray, "torch.Tensor", Sequence]  # noqa: F821
+
+
+def _to_numpy(x) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor, any device / dtype
+        x = x.detach().float().cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def diverging_colors(values: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
+    """``values`` -> uint8 RGB (``[..., 3]``): ``vmin`` blue, the middle white, ``vmax`` red.
+    Values outside ``[vmin, vmax]`` are clipped; NaN is an error (never a silent colour)."""
+    values = np.asarray(values, dtype=np.float64)
+    if np.isnan(values).any():
+        raise ValueError("heatmap contains NaN")
+    if not vmax > vmin:
+        raise ValueError(f"vmax must be greater than vmin, got vmin={vmin}, vmax={vmax}")
+    t = np.clip((values - vmin) / (vmax - vmin), 0.0, 1.0)
+    rgb = np.stack([np.interp(t, _ANCHORS[:, 0], _ANCHORS[:, c]) for c in (1, 2, 3)], axis=-1)
+    return np.round(rgb * 255).astype(np.uint8)
+
+
+def _stack(heatmaps) -> np.ndarray:
+    if isinstance(heatmaps, (list, tuple)):
+        arrays = [_to_numpy(h) for h in heatmaps]
+        shapes = {a.shape for a in arrays}
+        if len(shapes) != 1:
+            raise ValueError(f"all heatmaps must have one shape, got {sorted(shapes)}")
+        stack = np.stack(arrays)
+    else:
+        stack = _to_numpy(heatmaps)
+        if stack.ndim == 2:
+            stack = stack[None]
+    if stack.ndim != 3:
+        raise ValueError(f"heatmaps must be 2-D arrays (H, W) or a stack (N, H, W), got shape {stack.shape}")
+    return stack
+
+
+def heatmap_grid(heatmaps, grid: Optional[Tuple[int, int]] = None, pad: int = 2,
+                 vmin: Optional[float] = None, vmax: Optional[float] = None,
+                 symmetric: bool = True) -> np.ndarray:
+    """uint8 RGB array of the heatmaps laid out row-major in ``grid = (rows, cols)``
+    (default: as square as possible), ``pad`` white pixels between cells."""
+    stack = _stack(heatmaps)
+    n, h, w = stack.shape
+    if grid is None:
+        cols = math.ceil(math.sqrt(n))
+        grid = (math.ceil(n / cols), cols)
+    rows, cols = grid
+    if rows * cols < n:
+        raise ValueError(f"grid {grid} has {rows * cols} cells for {n} heatmaps")
+    if vmin is None or vmax is None:
+        m = float(np.abs(stack).max()) or 1.0
+        lo, hi = (-m, m) if symmetric else (float(stack.min()), float(stack.max()))
+        vmin = lo if vmin is None else vmin
+        vmax = hi if vmax is None else vmax
+        if vmax <= vmin:
+            vmax = vmin + 1.0
+    colors = diverging_colors(stack, vmin, vmax)
+    out = np.full((rows * h + (rows - 1) * pad, cols * w + (cols - 1) * pad, 3), 255, dtype=np.uint8)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        out[r * (h + pad): r * (h + pad) + h, c * (w + pad): c * (w + pad) + w] = colors[i]
+    return out
+
+
+def imgify(heatmaps, vmin: Optional[float] = None, vmax: Optional[float] = None,
+           grid: Optional[Tuple[int, int]] = None, symmetric: bool = True, pad: int = 2,
+           scale: int = 1):
+    """A ``PIL.Image`` of one heatmap or a grid of them (see :func:`heatmap_grid`);
+    ``scale`` enlarges each pixel to ``scale x scale`` (nearest neighbour)."""
+    from PIL import Image
+    if not isinstance(scale, int) or scale < 1:
+        raise ValueError(f"scale must be a positive integer, got {scale!r}")
+    arr = heatmap_grid(heatmaps, grid=grid, pad=pad, vmin=vmin, vmax=vmax, symmetric=symmetric)
+    if scale > 1:
+        arr = arr.repeat(scale, axis=0).repeat(scale, axis=1)
+    return Image.fromarray(arr)  # uint8 (H, W, 3): RGB
