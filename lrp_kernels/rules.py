@@ -99,6 +99,11 @@ class Rule(nn.Module):
     def validate(self, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> None:
         """Raise a clear error if this rule cannot propagate through this call."""
 
+    def expects_conservation(self, inputs, outputs, vjp) -> bool:
+        """Whether SPEC promises ``sum(R_in) == sum(R_out)`` for this call (the check mode's
+        ``expected``; evaluated only while a check is active)."""
+        return self.conserves
+
     def propagate(self, inputs, outputs, grad_outputs, vjp):  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -194,10 +199,10 @@ class _RuleFn(torch.autograd.Function):
         with torch.enable_grad():
             grads = rule.propagate(receivers, [y.detach() for y in ys], gys, vjp)
         grads = [None if g is None else g.to(x.dtype) for g, x in zip(grads, receivers)]
-        if _check is not None and getattr(_check, "active", lambda: False)():
-            _check.record(_op_name(rule), [x.detach() for x in receivers], grads,
-                          [y.detach() for y in ys], gys, rule.relevance,
-                          "conserve" if rule.conserves else "absorb")
+        if _check is not None and _check.active():
+            xs, outs_d = [x.detach() for x in receivers], [y.detach() for y in ys]
+            _check.record(_op_name(rule), xs, grads, outs_d, gys, rule.relevance,
+                          lambda: rule.expects_conservation(xs, outs_d, vjp))
         it = iter(grads)
         return (None,) * 5 + tuple(next(it) if n else None for n in ctx.needs)
 
@@ -219,6 +224,17 @@ def _restore_rng(state):
         for d, s in cuda:
             torch.cuda.set_rng_state(s, d)
         yield
+
+
+def _jvp(outputs, tangents, vjp):
+    """``J(x) @ t`` per output by the double-VJP trick (``u(v) = J^T v`` is linear in ``v``)."""
+    vs = [torch.zeros_like(y, requires_grad=True) for y in outputs]
+    us = vjp(vs, create_graph=True)
+    pairs = [(u, t.to(u.dtype)) for u, t in zip(us, tangents) if u.requires_grad]
+    if not pairs:
+        return [torch.zeros_like(y) for y in outputs]
+    got = torch.autograd.grad([u for u, _ in pairs], vs, [t for _, t in pairs], allow_unused=True)
+    return [torch.zeros_like(y) if g is None else g for g, y in zip(got, outputs)]
 
 
 # ---- the rules -----------------------------------------------------------------------------
@@ -258,6 +274,21 @@ class EpsilonRule(Rule):
         if not self.relevance:
             return got
         return [x.to(cd) * v.to(cd) for x, v in zip(inputs, got)]
+
+    def expects_conservation(self, inputs, outputs, vjp) -> bool:
+        """Conserving exactly when the module has no bias at this input: ``f`` is positively
+        homogeneous there, ``J(x) x == f(x)`` (Euler), tested with one JVP. A module whose
+        backward is not twice differentiable is reported as not expected to conserve."""
+        try:
+            with torch.enable_grad():
+                lin = _jvp(outputs, inputs, vjp)
+        except RuntimeError:
+            return False
+        for y, j in zip(outputs, lin):
+            scale = y.detach().abs().max().clamp_min(1e-30).item()
+            if not torch.allclose(j.double(), y.double(), rtol=1e-4, atol=1e-5 * scale):
+                return False
+        return True
 
     def extra_repr(self) -> str:
         return f"epsilon={self.epsilon}, {super().extra_repr()}"
@@ -412,7 +443,7 @@ class TaylorDecompositionRule(Rule):
         if self.bias:
             denoms = [stabilize(y, self.epsilon).to(cd) for y in outputs]
         else:
-            denoms = [stabilize(lin, self.epsilon).to(cd) for lin in self._jvp(outputs, deltas, vjp)]
+            denoms = [stabilize(lin, self.epsilon).to(cd) for lin in _jvp(outputs, deltas, vjp)]
         vecs = []
         for y, g, dn in zip(outputs, grad_outputs, denoms):
             v = g.to(cd) / dn
@@ -423,17 +454,6 @@ class TaylorDecompositionRule(Rule):
         if refs is None:
             return got
         return [v * dl / stabilize(x, self.epsilon) for v, dl, x in zip(got, deltas, inputs)]
-
-    @staticmethod
-    def _jvp(outputs, tangents, vjp):
-        """``J(x) @ t`` per output by the double-VJP trick (u(v) = J^T v is linear in v)."""
-        vs = [torch.zeros_like(y, requires_grad=True) for y in outputs]
-        us = vjp(vs, create_graph=True)
-        pairs = [(u, t.to(u.dtype)) for u, t in zip(us, tangents) if u.requires_grad]
-        if not pairs:
-            return [torch.zeros_like(y) for y in outputs]
-        got = torch.autograd.grad([u for u, _ in pairs], vs, [t for _, t in pairs], allow_unused=True)
-        return [torch.zeros_like(y) if g is None else g for g, y in zip(got, outputs)]
 
     def extra_repr(self) -> str:
         return f"bias={self.bias}, epsilon={self.epsilon}, {super().extra_repr()}"
