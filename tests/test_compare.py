@@ -13,6 +13,12 @@ from lrp_kernels import compare, dispatch
 from lrp_kernels.cli import main as cli_main
 
 TINY = ["--sizes", "5,7,3"]
+
+
+@pytest.fixture(autouse=True)
+def _fixed_gpu_config(monkeypatch):
+    """On a GPU: one Triton tile config (no autotuning compiles) keeps this file quick."""
+    monkeypatch.setenv("LRP_KERNELS_TRITON_AUTOTUNE", "0")
 KERNEL_OPS = "linear_epsilon_backward,softmax_dt_backward,matmul_ue_backward"
 
 

@@ -21,11 +21,15 @@ bfloat16 (tensor cores; ``h`` is rounded to bfloat16 like any bf16 GEMM operand)
 float32 for float32, and in TF32 on float32-converted operands for float16 (``h`` can exceed
 float16's range). Under the interpreter every dot is float32.
 
+On a GPU the tile sizes are autotuned per shape (a small config list);
+``LRP_KERNELS_TRITON_AUTOTUNE=0`` uses one fixed config instead (fast compiles, for tests).
+
 ``z=None`` recomputes ``z = F.linear(x, W, b)`` first (a separate cuBLAS GEMM; see
 ``benchmarks/bench_ops.py``).
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -52,6 +56,8 @@ def _configs() -> list:
 
 # fixed tile sizes under the interpreter (no autotune: it would run every config on the CPU)
 INTERPRET_CONFIG = {"BLOCK_I": 32, "BLOCK_J": 32, "BLOCK_R": 32, "GROUP_I": 4}
+# fixed GPU config when LRP_KERNELS_TRITON_AUTOTUNE=0 (tests: one compile per variant, not seven)
+FIXED_CONFIG = {"BLOCK_I": 128, "BLOCK_J": 128, "BLOCK_R": 32, "GROUP_I": 8, "num_warps": 4, "num_stages": 3}
 
 
 @triton.jit
@@ -149,6 +155,11 @@ def eps_gemm(g: torch.Tensor, z: torch.Tensor, w: torch.Tensor, x: Optional[torc
         cfg = INTERPRET_CONFIG
         grid = (triton.cdiv(I, cfg["BLOCK_I"]) * triton.cdiv(J, cfg["BLOCK_J"]), batch)
         _eps_gemm_kernel[grid](*args, **flags, **cfg)
+    elif os.environ.get("LRP_KERNELS_TRITON_AUTOTUNE", "1") == "0":
+        cfg = FIXED_CONFIG
+        grid = (triton.cdiv(I, cfg["BLOCK_I"]) * triton.cdiv(J, cfg["BLOCK_J"]), batch)
+        with torch.cuda.device(out.device):
+            _eps_gemm_kernel[grid](*args, **flags, **cfg)
     else:
         def grid(meta):
             return (triton.cdiv(I, meta["BLOCK_I"]) * triton.cdiv(J, meta["BLOCK_J"]), batch)
