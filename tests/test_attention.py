@@ -234,8 +234,8 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2), (torch.float16, 1e-2)])
-@pytest.mark.parametrize("dim", [64, 128, 256])
+@pytest.mark.parametrize("dtype,tol,dim", [(torch.float32, 1e-4, 64), (torch.bfloat16, 3e-2, 128),
+                                           (torch.float16, 1e-2, 64), (torch.bfloat16, 3e-2, 256)])
 @pytest.mark.parametrize("setup", ["causal_gqa", "padded", "window_softcap"])
 def test_gpu_flash_matches_float64(dtype, tol, dim, setup):
     gen = torch.Generator().manual_seed(dim)

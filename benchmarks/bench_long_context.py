@@ -1,0 +1,122 @@
+"""Long-context AttnLRP benchmark: time and peak memory against plain forward + input gradient
+with SDPA attention, measured in the same run (a table, then one JSON line per case).
+
+Model mode (default; CPU): a random hidden-512 / 8-layer Llama (``llama-long-bench`` of
+:mod:`lrp_kernels.profile`), logits only for the explained position, at 4096 / 8192 / 16384
+tokens (``--quick``: 512 / 1024). Goals: AttnLRP (chunked attention) <= 1.1x the plain pass's
+peak memory and <= 1.2x its time.
+
+Kernel mode (``--kernel``; CUDA): one attention layer (Llama-3-8B heads: 32 query / 8 key-value
+heads, head dim 128, bf16, causal), forward + backward of the flash-AttnLRP kernel against
+``F.scaled_dot_product_attention`` (GQA), median of 5 after 2 warm-ups.
+
+    PYTHONPATH=. python benchmarks/bench_long_context.py --quick
+    PYTHONPATH=. python benchmarks/bench_long_context.py --kernel --seq 4096,16384
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+GOAL_MEMORY, GOAL_TIME = 1.1, 1.2
+
+
+def model_bench(args) -> int:
+    from lrp_kernels.profile import build_model, format_table, profile
+
+    lens = [int(s) for s in args.seq.split(",")] if args.seq else ([512, 1024] if args.quick else [4096, 8192, 16384])
+    device = args.device or "cpu"
+    model = build_model("llama-long-bench", device=device, dtype=torch.float32, max_len=max(lens))
+    rows = profile(model, lens, backend=args.backend, checkpointing=args.checkpointing, progress=not args.no_progress)
+    print(f"llama-long-bench (hidden 512, 8 layers), {device}, float32; goal: lrp <= {GOAL_MEMORY}x memory, "
+          f"<= {GOAL_TIME}x time of plain SDPA + input gradient")
+    print(format_table(rows))
+    for r in rows:
+        if r["mode"] == "lrp":
+            r["meets_memory_goal"] = r["memory_ratio"] <= GOAL_MEMORY
+            r["meets_time_goal"] = r["time_ratio"] <= GOAL_TIME
+        print(json.dumps({"bench": "long_context_model", **r}), flush=True)
+    return 0
+
+
+def _cuda_time(fn, reps: int = 5, warmup: int = 2) -> tuple[float, int]:
+    """Median seconds of ``fn()`` and its peak extra CUDA memory."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times), torch.cuda.max_memory_allocated() - base
+
+
+def kernel_bench(args) -> int:
+    import torch.nn.functional as F
+
+    from lrp_kernels.attention import attnlrp_attention
+
+    if not torch.cuda.is_available():
+        print("--kernel needs a CUDA device", file=sys.stderr)
+        return 2
+    lens = [int(s) for s in (args.seq or "4096,16384").split(",")]
+    B, Hq, Hkv, d = 1, 32, 8, 128
+    dtype = torch.bfloat16
+    print(f"{'seq':>7} {'impl':<14} {'fwd+bwd ms':>11} {'peak MiB':>10} {'x sdpa':>7}")
+    for n in lens:
+        q = torch.randn(B, Hq, n, d, device="cuda", dtype=dtype, requires_grad=True)
+        k = torch.randn(B, Hkv, n, d, device="cuda", dtype=dtype, requires_grad=True)
+        v = torch.randn(B, Hkv, n, d, device="cuda", dtype=dtype, requires_grad=True)
+        g = torch.randn(B, Hq, n, d, device="cuda", dtype=dtype)
+
+        def sdpa():
+            q.grad = k.grad = v.grad = None
+            F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).backward(g)
+
+        def flash():
+            q.grad = k.grad = v.grad = None
+            attnlrp_attention(q, k, v, is_causal=True, impl="flash").backward(g)
+
+        t_s, m_s = _cuda_time(sdpa)
+        t_f, m_f = _cuda_time(flash)
+        for name, t, m in (("sdpa", t_s, m_s), ("flash-attnlrp", t_f, m_f)):
+            ratio = t / t_s
+            print(f"{n:>7} {name:<14} {t * 1e3:>11.2f} {m / 2**20:>10.1f} {ratio:>7.2f}")
+            print(json.dumps({"bench": "long_context_kernel", "seq": n, "impl": name, "heads": [Hq, Hkv],
+                              "head_dim": d, "dtype": "bfloat16", "causal": True, "fwd_bwd_s": t,
+                              "peak_bytes": m, "time_ratio_to_sdpa": ratio,
+                              "device": torch.cuda.get_device_name()}), flush=True)
+        del q, k, v, g
+        torch.cuda.empty_cache()
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="short sequences (512, 1024)")
+    p.add_argument("--seq", default=None, help="comma-separated lengths (overrides the defaults)")
+    p.add_argument("--kernel", action="store_true", help="attention-kernel benchmark on CUDA")
+    p.add_argument("--device", default=None, help="model mode: cpu (default) or cuda")
+    p.add_argument("--backend", default="torch", help="model mode: rule backend of the patch (default torch)")
+    p.add_argument("--checkpointing", action="store_true", help="model mode: gradient checkpointing")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    rc = kernel_bench(args) if args.kernel else model_bench(args)
+    print(f"# {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
