@@ -53,7 +53,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .ops import linear_epsilon as _lin
-from .ops._common import DEFAULT_EPSILON, check_epsilon, compute_dtype, stabilize
+from .ops._common import DEFAULT_EPSILON, check_epsilon, compute_dtype, stabilize, zero_masked
 
 try:  # the conservation recorder lands in lrp_kernels/check.py; rules work without it
     from . import check as _check
@@ -196,15 +196,35 @@ class _RuleFn(torch.autograd.Function):
                                       retain_graph=True, allow_unused=True, create_graph=create_graph)
             return [torch.zeros_like(x) if g is None else g for g, x in zip(got, receivers)]
 
-        with torch.enable_grad():
+        with torch.enable_grad(), _not_recording():
             grads = rule.propagate(receivers, [y.detach() for y in ys], gys, vjp)
         grads = [None if g is None else g.to(x.dtype) for g, x in zip(grads, receivers)]
         if _check is not None and _check.active():
             xs, outs_d = [x.detach() for x in receivers], [y.detach() for y in ys]
-            _check.record(_op_name(rule), xs, grads, outs_d, gys, rule.relevance,
-                          lambda: rule.expects_conservation(xs, outs_d, vjp))
+
+            def expected() -> bool:
+                with _not_recording():
+                    return rule.expects_conservation(xs, outs_d, vjp)
+
+            _check.record(_op_name(rule), xs, grads, outs_d, gys, rule.relevance, expected)
         it = iter(grads)
         return (None,) * 5 + tuple(next(it) if n else None for n in ctx.needs)
+
+
+@contextlib.contextmanager
+def _not_recording():
+    """The VJPs a rule takes are not relevance: LRP ops nested inside the wrapped module (a
+    manual nesting; the Composite never nests) must not report them to the check mode."""
+    from .ops import _common
+    saved = getattr(_common, "_RECORDER", None)
+    if saved is None:
+        yield
+        return
+    _common._RECORDER = None
+    try:
+        yield
+    finally:
+        _common._RECORDER = saved
 
 
 def _op_name(rule: Rule) -> str:
@@ -239,6 +259,17 @@ def _jvp(outputs, tangents, vjp):
 
 # ---- the rules -----------------------------------------------------------------------------
 
+def _times(factor: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``factor * v`` with exactly 0 where ``x`` is masked (-inf or the dtype's minimum): masked
+    logits carry no relevance, and ``-inf * 0`` must not become NaN (SPEC, masked logits)."""
+    return zero_masked(factor * v, x) if x.is_floating_point() else factor * v
+
+
+def _divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """``num / den`` with 0 where ``den == 0`` (only reachable with ``epsilon=0``): no NaN."""
+    return torch.where(den == 0, torch.zeros((), dtype=num.dtype, device=num.device), num / den)
+
+
 def _cd(*ts):
     return compute_dtype(*ts)
 
@@ -268,12 +299,12 @@ class EpsilonRule(Rule):
         cd = _cd(*outputs, *inputs)
         vecs = []
         for y, g in zip(outputs, grad_outputs):
-            v = g.to(cd) / (n * stabilize(y, self.epsilon).to(cd))
+            v = _divide(g.to(cd), n * stabilize(y, self.epsilon).to(cd))
             vecs.append(v if self.relevance else v * y.to(cd))
         got = vjp(vecs)
         if not self.relevance:
             return got
-        return [x.to(cd) * v.to(cd) for x, v in zip(inputs, got)]
+        return [_times(x.to(cd), v.to(cd), x) for x, v in zip(inputs, got)]
 
     def expects_conservation(self, inputs, outputs, vjp) -> bool:
         """Conserving exactly when the module has no bias at this input: ``f`` is positively
@@ -446,11 +477,11 @@ class TaylorDecompositionRule(Rule):
             denoms = [stabilize(lin, self.epsilon).to(cd) for lin in _jvp(outputs, deltas, vjp)]
         vecs = []
         for y, g, dn in zip(outputs, grad_outputs, denoms):
-            v = g.to(cd) / dn
+            v = _divide(g.to(cd), dn)
             vecs.append(v if self.relevance else v * y.to(cd))
         got = [v.to(cd) for v in vjp(vecs)]
         if self.relevance:
-            return [dl * v for dl, v in zip(deltas, got)]
+            return [_times(dl, v, x) for dl, v, x in zip(deltas, got, inputs)]
         if refs is None:
             return got
         return [v * dl / stabilize(x, self.epsilon) for v, dl, x in zip(got, deltas, inputs)]
