@@ -34,8 +34,10 @@ class LinearEpsilon(nn.Linear):
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.in_features, new.out_features = linear.in_features, linear.out_features
-        new.weight, new.bias = linear.weight, linear.bias
+        new.weight = linear.weight
+        new.register_parameter("bias", linear.bias)  # registered even when None, as nn.Linear
         new.epsilon, new.relevance = epsilon, relevance
+        new.train(linear.training)
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,6 +91,10 @@ class LayerNormIdentity(nn.LayerNorm):
         self.epsilon, self.relevance = epsilon, relevance
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 1 or x.shape[-1] != self.normalized_shape[0]:
+            # without affine parameters the op itself cannot see the mismatch
+            raise ValueError(f"x's last dim must be normalized_shape = {self.normalized_shape[0]}, "
+                             f"got x of shape {tuple(x.shape)}")
         return _norm.layer_norm(x, self.weight, self.bias, self.eps, self.epsilon, relevance=self.relevance)
 
 
