@@ -153,3 +153,72 @@ def test_gamma_alone_relevance_view_on_vit_is_finite_and_removable():
     _assert_clean(model, state)
     again, _ = pixel_relevance(model, pixels, relevance_view=False)
     assert torch.equal(again, base)
+
+
+# ----------------------------------------------------------------------------- with the fx Composite
+
+class MiniViT(nn.Module):
+    """A traceable ViT: conv patch embedding, one attention block, GELU MLP, mean-pool head."""
+
+    def __init__(self, d=8, heads=2, patch=2, classes=3):
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Conv2d(3, d, patch, stride=patch)
+        self.pos = nn.Parameter(0.1 * torch.randn(1, 4, d))
+        self.qkv, self.o = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.up, self.act, self.down = nn.Linear(d, 12), nn.GELU(), nn.Linear(12, d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        h = self.embed(x).flatten(2).transpose(1, 2) + self.pos
+        B, T, D = h.shape
+        q, k, v = self.qkv(h).split(D, dim=-1)
+        q, k, v = (t.view(B, T, self.heads, D // self.heads).transpose(1, 2) for t in (q, k, v))
+        p = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) / 2.0, dim=-1)
+        a = torch.matmul(p, v).transpose(1, 2).reshape(B, T, D)
+        h = h + self.o(a)
+        h = h + self.down(self.act(self.up(h)))
+        return self.head(h[:, 0])
+
+
+def test_gamma_hooks_combine_with_the_traced_composite():
+    """fx Composite (relevance view) on the attention ops + Gamma(0) hooks on Linear/Conv2d ==
+    the Composite with its own epsilon rule on Linear/Conv2d; Gamma(0.25) differs; removal of
+    both leaves the model as it was."""
+    import operator
+    import warnings
+
+    import torch.nn.functional as F
+
+    composite = pytest.importorskip("lrp_kernels.composite")
+    lf = pytest.importorskip("lrp_kernels.functional")
+    rules = pytest.importorskip("lrp_kernels.rules")
+    ops = {operator.add: lf.add2, torch.matmul: lf.matmul, F.softmax: lf.softmax, torch.softmax: lf.softmax,
+           nn.GELU: rules.IdentityRule}
+    torch.manual_seed(0)
+    model = MiniViT().double().eval()
+    x = torch.randn(1, 3, 4, 4, dtype=torch.float64)
+    state = _state(model)
+
+    def run(traced):
+        xx = x.clone().requires_grad_(True)
+        y = traced(xx)
+        y[0, 1].backward(y[0, 1])
+        return xx.grad
+
+    ref_comp = composite.Composite({**ops, nn.Linear: rules.EpsilonRule, nn.Conv2d: rules.EpsilonRule})
+    ref = run(ref_comp.register(model, dummy_inputs={"x": x}))
+    ref_comp.remove()
+
+    comp = composite.Composite(ops)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Linear/Conv2d are left to the hooks
+        traced = comp.register(model, dummy_inputs={"x": x}, strict=False)
+    with gamma_composite(0.0, 0.0, relevance=True).context(traced):
+        got = run(traced)
+    with gamma_composite(0.25, 0.25, relevance=True).context(traced):
+        other = run(traced)
+    comp.remove()
+    assert torch.allclose(got, ref, rtol=1e-7, atol=1e-12), (got - ref).abs().max()
+    assert torch.isfinite(other).all() and not torch.allclose(other, ref)
+    _assert_clean(model, state)
