@@ -8,5 +8,6 @@ from . import functional, grad, modules  # noqa: F401
 from .dispatch import (BackendUnavailableError, available_backends, current_backend,  # noqa: F401
                        use_backend)
 from .ops._common import stabilize  # noqa: F401
+from .patch import PatchHandle, UnsupportedModelError, patch  # noqa: F401  (Hugging Face model patches)
 
 __version__ = "0.1.0"

@@ -37,15 +37,16 @@ def _make_adapter(rule: str):
         # dropout is ignored on purpose: attention dropout is neutralised while patched
         from ..attention import attnlrp_attention
         opts = getattr(module.config, OPTIONS_ATTR, None) or {}
+        # as transformers' SDPA path: causality from the flag only when no mask was built
+        causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+        causal = bool(causal) and attention_mask is None and query.shape[2] > 1
         mask = attention_mask
         if position_bias is not None:
             mask = _merge_bias(mask, position_bias)
-        causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-        causal = bool(causal) and mask is None and query.shape[2] > 1
         out = attnlrp_attention(
             query, key, value, mask,
             scale=scaling, is_causal=causal,
-            sliding_window=sliding_window if mask is None else None,  # a given mask already has the window
+            sliding_window=sliding_window if attention_mask is None else None,  # a given mask already has the window
             softcap=softcap, epsilon=opts.get("epsilon", 1e-6), rule=rule, relevance=False,
             impl=opts.get("impl", "auto"))
         return out.transpose(1, 2).contiguous(), None

@@ -19,6 +19,7 @@ the SPEC rule in the gradient view (relevance of ``t`` = ``t * t.grad``):
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -27,10 +28,6 @@ from torch import nn
 from .. import grad
 from ..ops._common import compute_dtype, stabilize
 
-try:  # GPT-2 style "Conv1D" (a linear layer with a transposed weight)
-    from transformers.pytorch_utils import Conv1D
-except Exception:  # pragma: no cover - transformers is a dependency
-    Conv1D = ()
 
 
 class EpsilonOutputFn(torch.autograd.Function):
@@ -60,6 +57,13 @@ _TORCH_ELEMENTWISE = (nn.SiLU, nn.GELU, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.Mish, n
                       nn.ReLU6, nn.Identity, nn.Softsign, nn.Tanhshrink)
 
 
+@functools.lru_cache(maxsize=None)
+def elementwise_activations() -> tuple[type, ...]:
+    """Module classes that get the identity rule: torch's element-wise activations and
+    transformers' (the ACT2FN values); imported lazily (transformers is heavy)."""
+    return _TORCH_ELEMENTWISE + _hf_activation_classes()
+
+
 def _hf_activation_classes() -> tuple[type, ...]:
     """transformers' element-wise activation modules (ACT2FN values)."""
     try:
@@ -70,11 +74,8 @@ def _hf_activation_classes() -> tuple[type, ...]:
                  if isinstance(c, type) and issubclass(c, nn.Module) and c.__module__ == act.__name__)
 
 
-ELEMENTWISE_ACTIVATIONS: tuple[type, ...] = _TORCH_ELEMENTWISE + _hf_activation_classes()
-
-
 def is_elementwise_activation(module: nn.Module) -> bool:
-    return isinstance(module, ELEMENTWISE_ACTIVATIONS)
+    return isinstance(module, elementwise_activations())
 
 
 def looks_like_nonlinearity(module: nn.Module) -> bool:
@@ -88,7 +89,12 @@ def is_plain_linear(module: nn.Module) -> bool:
 
 
 def is_conv1d(module: nn.Module) -> bool:
-    return bool(Conv1D) and isinstance(module, Conv1D)
+    """GPT-2 style ``Conv1D``: ``x @ W + b`` with ``W`` of shape [in, out]."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except Exception:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(module, Conv1D)
 
 
 def is_linear_like(module: nn.Module) -> bool:
