@@ -168,4 +168,5 @@ def test_add_epsilon_module_n_inputs():
     xs = [torch.randn(3, 4, dtype=torch.float64) for _ in range(3)]
     out, grads = _relevance(mod, *xs)
     torch.testing.assert_close(out, xs[0] + xs[1] + xs[2])
-    torch.testing.assert_close(sum(g.sum() for g in grads), out.sum(), rtol=1e-6, atol=0)
+    # conservative up to O(eps / |z|) per element (eps = 1e-6)
+    assert abs(sum(g.sum() for g in grads) - out.sum()) <= 1e-4 * out.abs().sum()
