@@ -152,13 +152,13 @@ class Explanation:
 
 # ----------------------------------------------------------------------------- helpers
 
-def _patch_context(model, rules: str, epsilon: float):
+def _patch_context(model, rules: str, epsilon: float, backend: str):
     """The AttnLRP patch for the duration of one call (nothing for plain gradient x input)."""
     if rules in ("gradient", "gxi", "gradient_x_input"):
         return contextlib.nullcontext()
     from . import patch as _patch_mod  # engineer D's module; imported lazily
     patch = getattr(_patch_mod, "patch", _patch_mod)
-    wanted = {"rules": rules, "epsilon": epsilon}
+    wanted = {"rules": rules, "epsilon": epsilon, "backend": backend}
     try:
         params = inspect.signature(patch).parameters
         has_var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
@@ -336,7 +336,7 @@ def _explain_batch(model, tokenizer, prompts, targets, *, continuation, contrast
             raise ExplainError("continuation is empty after tokenization")
     limit = _context_limit(model, max_length)
     for i, row in enumerate(ids):
-        n = len(row) + len(cont_ids)
+        n = len(row) + max(0, len(cont_ids) - 1)
         if limit is not None and n > limit:
             raise PromptTooLongError(
                 f"prompt{'' if len(ids) == 1 else ' ' + str(i)} has {n} tokens"
@@ -345,8 +345,9 @@ def _explain_batch(model, tokenizer, prompts, targets, *, continuation, contrast
     tgt_ids = [None if t is None else resolve_token(tokenizer, t) for t in targets]
     foil_id = None if contrast is None else resolve_token(tokenizer, contrast, "contrast")
 
-    # left-padded batch: all prompts end at the same column, so the last positions line up
-    full = [row + cont_ids for row in ids]
+    # left-padded batch: all prompts end at the same column, so the last positions line up.
+    # The last continuation token is only predicted, never an input.
+    full = [row + cont_ids[:-1] for row in ids]
     width = max(len(r) for r in full)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in full], device=dev)
@@ -354,7 +355,7 @@ def _explain_batch(model, tokenizer, prompts, targets, *, continuation, contrast
 
     keep = max(1, len(cont_ids))  # positions that predict the explained tokens
     emb_layer = model.get_input_embeddings()
-    with _patch_context(model, rules, epsilon), _backend_context(backend), torch.enable_grad():
+    with _patch_context(model, rules, epsilon, backend), _backend_context(backend), torch.enable_grad():
         embeds = emb_layer(input_ids).detach().requires_grad_(True)
         hidden = []
         if latent:
@@ -405,15 +406,14 @@ def _explain_batch(model, tokenizer, prompts, targets, *, continuation, contrast
     exps = []
     for i, row in enumerate(ids):
         pad = width - len(full[i])
-        n = len(row)
         toks = _display_tokens(tokenizer, prompts[i] if prompts else None, row, offsets[i])
         text = _token_text(tokenizer, t_ids[i])
         tgt = Target(ids=t_ids[i], text=text, logit=float(t_logit[i]),
                      probability=float(t_prob[i]), foil_id=foil_id,
                      foil_text=None if foil_id is None else _token_text(tokenizer, [foil_id]))
-        # with a continuation the continuation tokens themselves (except the last) are inputs too;
-        # they are reported after the prompt tokens.
-        span = slice(pad, pad + len(full[i]) - (1 if cont_ids else 0)) if cont_ids else slice(pad, pad + n)
+        # with a continuation its tokens (except the last) are inputs too, reported after the
+        # prompt tokens
+        span = slice(pad, width)
         tok_list = toks + (_appended_display(tokenizer, row, cont_ids[:-1]) if cont_ids else [])
         exps.append(Explanation(
             tokens=tok_list, token_ids=(row + cont_ids[:-1]) if cont_ids else row,

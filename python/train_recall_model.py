@@ -100,12 +100,21 @@ def build_model(vocab_size: int, tokenizer):
     return LlamaForCausalLM(cfg)
 
 
-def batch(tokenizer, rng: random.Random, size: int, n_pairs: int):
+def batch(tokenizer, rng: random.Random, size: int, n_pairs: int, n_queries: int):
     import torch
-    n_queries = min(n_pairs, 4)
     texts = [make_training_text(rng, n_pairs, n_queries) for _ in range(size)]
     ids = tokenizer(texts, return_tensors="pt")["input_ids"]  # same length within a batch
     return ids.to(torch.long)
+
+
+def answer_mask(ids):
+    """True at the answer tokens of queries: the token after ``? k =`` (3 after a ``?``)."""
+    import torch
+    q = VOCAB.index("?")
+    is_q = ids == q
+    mask = torch.zeros_like(is_q)
+    mask[:, 3:] = is_q[:, :-3]
+    return mask
 
 
 def evaluate(model, tokenizer, examples: Sequence[dict]) -> float:
@@ -133,6 +142,10 @@ def main(argv=None) -> int:
     ap.add_argument("--target-accuracy", type=float, default=0.98)
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--loss", choices=("all", "answers"), default="answers",
+                    help="cross-entropy on every position, or on the query answers only")
+    ap.add_argument("--queries", type=int, default=8,
+                    help="queries per training sequence (answers are the supervised signal)")
     args = ap.parse_args(argv)
 
     import torch
@@ -156,10 +169,13 @@ def main(argv=None) -> int:
     step = 0
     for step in range(1, args.max_steps + 1):
         n_pairs = data_rng.randint(1, level)
-        ids = batch(tokenizer, data_rng, args.batch_size, n_pairs)
+        ids = batch(tokenizer, data_rng, args.batch_size, n_pairs, args.queries)
         logits = model(input_ids=ids).logits[:, :-1]
+        labels = ids[:, 1:]
+        if args.loss == "answers":  # only positions whose next token is a query's answer
+            labels = labels.masked_fill(~answer_mask(ids)[:, 1:], -100)
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                 ids[:, 1:].reshape(-1))
+                                                 labels.reshape(-1), ignore_index=-100)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -201,7 +217,7 @@ def main(argv=None) -> int:
         "heldout_examples": 1000, "steps": step, "batch_size": args.batch_size, "lr": args.lr,
         "seed": args.seed, "torch": torch.__version__,
         "command": "nice python python/train_recall_model.py --out lrp_kernels/assets/recall-llama"
-                   f" --seed {args.seed}",
+                   f" --seed {args.seed} --lr {args.lr} --queries {args.queries} --loss {args.loss}",
         "train_seconds": round(time.time() - t0),
     }
     with open(os.path.join(args.out, "metadata.json"), "w") as f:

@@ -47,8 +47,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     help="generate N tokens greedily and explain each")
     p.add_argument("--out", help="write the heatmap: .html, .pdf (needs xelatex/pdflatex), "
                                  ".png (needs matplotlib) or .json")
-    p.add_argument("--rules", default="attnlrp", choices=("attnlrp", "gradient"),
-                   help="attnlrp (default) or plain gradient x input")
+    p.add_argument("--rules", default="attnlrp", choices=("attnlrp", "cp-lrp", "gradient"),
+                   help="attnlrp (default), cp-lrp (no relevance through the attention softmax) or plain gradient x input")
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "cpp", "triton"),
                    help="kernel backend (default: auto)")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="model dtype (default: float32)")
@@ -94,6 +94,8 @@ def _check_out(path: str, generate) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise CLIError(f"cannot write --out {path!r}: folder {folder!r} does not exist")
+    if os.path.isdir(path):
+        raise CLIError(f"cannot write --out {path!r}: it is a folder")
     if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
         raise CLIError(f"cannot write --out {path!r}: permission denied")
     if ext == ".png":
@@ -117,7 +119,12 @@ def _parse_token(value, option: str):
 def load(model_id: str, tokenizer_id: str, dtype: str, device: str, progress: bool):
     """Model and tokenizer; one-line CLIError for a missing path or an unloadable model."""
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # our own messages only: no weight-loading bars, no tokenizer length warnings (we check)
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
     looks_local = (os.path.sep in model_id or model_id.startswith(".")
                    or os.path.exists(model_id))
