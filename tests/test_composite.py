@@ -294,3 +294,22 @@ def test_conservation_check_reports_every_rule_of_a_registered_model():
     for later, earlier in zip(report.records, report.records[1:]):
         assert abs(later.r_in - earlier.r_out) <= 1e-5 * earlier.mass
     assert abs(report.records[-1].r_in - x.grad.sum().item()) <= 1e-5 * report.records[-1].mass
+
+
+def test_gradient_checkpointing_through_a_registered_model():
+    from torch.utils.checkpoint import checkpoint
+    model, x = model_and_input(torch.float32, seed=6)
+    lrp = Composite(RULES)
+    lrp.register(model)
+    grads = []
+    for ckpt in (False, True):
+        xi = x.clone().requires_grad_()
+        h = xi
+        for block in model.blocks:
+            h = checkpoint(block, h, use_reentrant=False) if ckpt else block(h)
+        y = model.head(model.norm(h))
+        y[:, -1].max(-1).values.sum().backward()
+        grads.append(xi.grad)
+    lrp.remove()
+    assert torch.isfinite(grads[0]).all()
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-7)

@@ -323,3 +323,18 @@ def test_wrapper_exposes_the_wrapped_attributes_and_repr():
     assert r.weight is lin.weight and r.in_features == 3 and r.module is lin
     assert "EpsilonRule" in repr(r) and "epsilon=0.001" in repr(r) and "Linear" in repr(r)
     assert [n for n, _ in r.named_parameters()] == ["module.weight", "module.bias"]
+
+
+def test_bfloat16_module_against_the_float64_oracle():
+    torch.manual_seed(13)
+    m = mlp()
+    x = torch.randn(4, 6)
+    mb = copy.deepcopy(m).bfloat16()
+    xb = x.bfloat16().requires_grad_()
+    y = rules.EpsilonRule(nn.Sequential(*list(mb)[:2]))(xb)  # Linear + Tanh, generic VJP path
+    y.backward(y)
+    assert xb.grad.dtype == torch.bfloat16 and torch.isfinite(xb.grad).all()
+    # the oracle on the same (bf16-rounded) weights and input, in float64
+    ref = oracle.generic_epsilon_R(f64(nn.Sequential(*list(mb)[:2])), [xb.detach()], [y], EPS)[0]
+    err = (xb.grad.double() - ref).norm() / ref.norm()
+    assert err < 3e-2, f"relative error {err:.3g}"  # bf16 forward/VJP arithmetic
