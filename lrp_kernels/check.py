@@ -186,15 +186,33 @@ def record(op_name: str, inputs: Tensors, input_grads: Tensors, outputs: Tensors
     """Record one rule application from a backward (for rules outside :mod:`lrp_kernels.ops`).
 
     ``inputs`` / ``input_grads`` and ``outputs`` / ``output_grads`` pair up (a tensor or a
-    sequence; ``None`` grads are skipped); ``relevance_view`` says what the grads are;
+    sequence; ``None`` grads are skipped; in the relevance view the values are not needed and
+    ``inputs`` / ``outputs`` may be None); ``relevance_view`` says what the grads are;
     ``expected`` whether SPEC promises conservation (a callable is evaluated only when a check
     is active). Does nothing and returns None when no check is active. Never changes tensors.
     """
     rec = _common._RECORDER
     if rec is None:
         return None
-    return rec.add(op_name, _as_seq(inputs), _as_seq(input_grads), _as_seq(outputs),
-                   _as_seq(output_grads), relevance_view, expected)
+    input_grads, output_grads = _as_seq(input_grads), _as_seq(output_grads)
+    inputs, outputs = _as_seq(inputs), _as_seq(outputs)
+    if relevance_view:  # sums of the grads alone: the values may be left out
+        inputs = inputs or (None,) * len(input_grads)
+        outputs = outputs or (None,) * len(output_grads)
+    return rec.add(op_name, inputs, input_grads, outputs, output_grads, relevance_view, expected)
+
+
+def _push_label(report: ConservationReport, label: str):
+    def hook(_module, _args) -> None:  # must return None: a value would replace the inputs
+        report._labels.append(label)
+    return hook
+
+
+def _pop_label(report: ConservationReport):
+    def hook(_module, _args, _output) -> None:  # must return None: a value would replace the output
+        if report._labels:
+            report._labels.pop()
+    return hook
 
 
 def active() -> bool:
@@ -217,11 +235,8 @@ def conservation(rtol: float = 1e-3, atol: float = 0.0,
     handles = []
     if module is not None:
         for name, sub in module.named_modules():
-            label = name or type(sub).__name__
-            handles.append(sub.register_forward_pre_hook(
-                lambda _m, _a, label=label: report._labels.append(label)))
-            handles.append(sub.register_forward_hook(
-                lambda _m, _a, _o: report._labels.pop() if report._labels else None))
+            handles.append(sub.register_forward_pre_hook(_push_label(report, name or type(sub).__name__)))
+            handles.append(sub.register_forward_hook(_pop_label(report)))
     _common._RECORDER = report
     try:
         yield report
