@@ -34,8 +34,8 @@ call passed in as a closure):
   the backward takes VJPs through it. One forward, no side effect repeated (KV caches,
   BatchNorm statistics, dropout masks stay as they were), the memory of a plain forward.
 * ``recompute=True`` ("checkpoint-style"): the forward runs under ``no_grad`` and saves only the
-  inputs; the backward re-runs the module with grad enabled (CPU/CUDA RNG state restored, so
-  dropout draws the same mask) and takes the VJPs. Less memory, one more forward; the module
+  inputs; the backward re-runs the module with grad enabled (CPU/CUDA RNG and autocast state
+  restored, so dropout draws the same mask) and takes the VJPs. Less memory, one more forward; the module
   must have no side effects (a KV cache would be appended twice).
 
 Both are safe under ``torch.utils.checkpoint(..., use_reentrant=False)`` (tested), both store
@@ -149,7 +149,10 @@ class _RuleFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rule, leaves, spec, t_idx, box, *tensors):
         needs = [n and _differentiable(t) for n, t in zip(ctx.needs_input_grad[5:], tensors)]
-        ctx.rule, ctx.leaves, ctx.spec, ctx.t_idx, ctx.needs = rule, leaves, spec, t_idx, needs
+        # the tensors travel only as Function inputs (saved tensors go through checkpoint hooks)
+        holes = set(t_idx)
+        ctx.leaves = [None if i in holes else leaf for i, leaf in enumerate(leaves)]
+        ctx.rule, ctx.spec, ctx.t_idx, ctx.needs = rule, spec, t_idx, needs
         if rule.recompute:
             ctx.rng = _rng_state(tensors)
             out = _call(rule, leaves, spec, t_idx, tensors)
@@ -232,14 +235,17 @@ def _op_name(rule: Rule) -> str:
 
 
 def _rng_state(tensors: Sequence[torch.Tensor]):
+    """What a re-run needs to repeat the forward: RNG states (dropout) and the autocast state."""
     cuda = sorted({t.device.index or 0 for t in tensors if t.is_cuda})
-    return torch.get_rng_state(), [(d, torch.cuda.get_rng_state(d)) for d in cuda]
+    dev = "cuda" if cuda else "cpu"
+    autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+    return torch.get_rng_state(), [(d, torch.cuda.get_rng_state(d)) for d in cuda], autocast
 
 
 @contextlib.contextmanager
 def _restore_rng(state):
-    cpu, cuda = state
-    with torch.random.fork_rng(devices=[d for d, _ in cuda]):
+    cpu, cuda, (dev, enabled, dtype) = state
+    with torch.random.fork_rng(devices=[d for d, _ in cuda]), torch.autocast(dev, dtype=dtype, enabled=enabled):
         torch.set_rng_state(cpu)
         for d, s in cuda:
             torch.cuda.set_rng_state(s, d)

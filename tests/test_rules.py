@@ -338,3 +338,18 @@ def test_bfloat16_module_against_the_float64_oracle():
     ref = oracle.generic_epsilon_R(f64(nn.Sequential(*list(mb)[:2])), [xb.detach()], [y], EPS)[0]
     err = (xb.grad.double() - ref).norm() / ref.norm()
     assert err < 3e-2, f"relative error {err:.3g}"  # bf16 forward/VJP arithmetic
+
+
+def test_recompute_replays_autocast():
+    torch.manual_seed(14)
+    m = mlp()
+    x = torch.randn(3, 6)
+    out = []
+    for recompute in (False, True):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = rules.EpsilonRule(m, recompute=recompute)(xi)
+        assert y.dtype == torch.bfloat16
+        y.backward(y)  # outside autocast: the re-run must still compute in bf16
+        out.append(xi.grad)
+    torch.testing.assert_close(out[1], out[0])
