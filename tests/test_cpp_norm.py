@@ -336,7 +336,8 @@ def test_build_error_falls_back_with_log(fresh_state, monkeypatch, tmp_path):
     shutil.copytree(REPO / "csrc", src)
     for name in _cpp.CPU_SOURCES:  # every file fails at once: ninja waits for running compiles
         text = (src / name).read_text()
-        (src / name).write_text("#error deliberately broken for the test\n" + text)
+        # a missing header is fatal at once (#error would still parse the torch headers)
+        (src / name).write_text('#include "deliberately_broken_for_the_test.h"\n' + text)
     monkeypatch.setattr(_cpp, "source_dir", lambda: src)
     monkeypatch.setenv(_cpp.ENV_CACHE, str(tmp_path / "cache"))
     x, w, _, gy = inputs((3, 40), torch.float32, seed=6)
@@ -346,7 +347,7 @@ def test_build_error_falls_back_with_log(fresh_state, monkeypatch, tmp_path):
     msgs = [str(r.message) for r in record if "C++" in str(r.message)]
     assert len(msgs) == 1 and "build.log" in msgs[0]
     log = Path(msgs[0].split("full log: ")[1].split(")")[0])
-    assert log.is_file() and "deliberately broken" in log.read_text()
+    assert log.is_file() and "deliberately_broken" in log.read_text()
     assert log.parent.parent == tmp_path / "cache"
     ok, why = dispatch.backend_status("cpp")
     assert not ok and "build failed" in why
