@@ -9,5 +9,6 @@ from .dispatch import (BackendUnavailableError, available_backends, current_back
                        use_backend)
 from .ops._common import stabilize  # noqa: F401
 from .patch import PatchHandle, UnsupportedModelError, patch  # noqa: F401  (Hugging Face model patches)
+from .explain import Explanation, explain  # noqa: F401  (user-facing API; shadows the module name)
 
 __version__ = "0.1.0"

@@ -156,8 +156,7 @@ def _patch_context(model, rules: str, epsilon: float, backend: str):
     """The AttnLRP patch for the duration of one call (nothing for plain gradient x input)."""
     if rules in ("gradient", "gxi", "gradient_x_input"):
         return contextlib.nullcontext()
-    from . import patch as _patch_mod  # engineer D's module; imported lazily
-    patch = getattr(_patch_mod, "patch", _patch_mod)
+    from .patch import patch
     wanted = {"rules": rules, "epsilon": epsilon, "backend": backend}
     try:
         params = inspect.signature(patch).parameters

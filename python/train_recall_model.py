@@ -64,6 +64,21 @@ def make_prompt(rng: random.Random, n_pairs: int) -> dict:
             "span_words": [4 * q, 4 * q + 1, 4 * q + 2], "query_word": len(words) - 2}
 
 
+def answer_span_hit(relevance, example: dict) -> bool:
+    """Attribution hit: the most relevant *context* token lies in the answer span.
+
+    ``relevance`` has one value per token of ``<bos> + prompt.split()``. The context is the
+    pairs part (word indices ``0 .. 4 * n_pairs - 1``, i.e. without ``<bos>`` and without the
+    query suffix ``? kQ =``, which every prompt shares in role); the answer span is the queried
+    pair ``kQ = V`` (3 words, the ``;`` after it excluded). A hit: the arg-max of the signed
+    relevance over the context falls on one of those 3 tokens.
+    """
+    n_ctx = 4 * len(example["pairs"])
+    ctx = [float(r) for r in relevance[1:1 + n_ctx]]
+    best = max(range(n_ctx), key=lambda i: ctx[i])
+    return best in example["span_words"]
+
+
 def make_training_text(rng: random.Random, n_pairs: int, n_queries: int) -> str:
     pairs = make_pairs(rng, n_pairs)
     words: List[str] = []
@@ -138,7 +153,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--max-steps", type=int, default=30000)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--target-accuracy", type=float, default=0.98)
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--threads", type=int, default=1)
@@ -168,7 +183,8 @@ def main(argv=None) -> int:
     acc_final = 0.0
     step = 0
     for step in range(1, args.max_steps + 1):
-        n_pairs = data_rng.randint(1, level)
+        # at least 2 pairs: a single pair teaches copying, not matching
+        n_pairs = data_rng.randint(2, level)
         ids = batch(tokenizer, data_rng, args.batch_size, n_pairs, args.queries)
         logits = model(input_ids=ids).logits[:, :-1]
         labels = ids[:, 1:]

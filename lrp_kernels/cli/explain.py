@@ -144,7 +144,7 @@ def load(model_id: str, tokenizer_id: str, dtype: str, device: str, progress: bo
 def run(args) -> int:
     import torch
 
-    from .. import explain as explain_mod
+    from ..explain import ExplainError, explain
 
     prompt = _read_prompt(args)
     if args.out:
@@ -173,12 +173,12 @@ def run(args) -> int:
         def progress(done, total):
             bar.update(done - bar.n)
     try:
-        result = explain_mod.explain(
+        result = explain(
             model, tok, prompt, _parse_token(args.target, '--target'), continuation=args.continuation,
             contrast=_parse_token(args.contrast, '--contrast'), generate=args.generate, rules=args.rules,
             epsilon=args.epsilon, backend=args.backend, max_length=args.max_length,
             progress=progress)
-    except explain_mod.ExplainError as err:
+    except ExplainError as err:
         raise CLIError(str(err)) from None
     except Exception as err:
         from ..dispatch import BackendUnavailableError

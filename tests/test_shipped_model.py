@@ -1,0 +1,92 @@
+"""The shipped recall-llama model: loads offline, solves its task, and AttnLRP points at the
+span that holds the answer (the attribution ground truth of this project).
+
+Span definition (python/train_recall_model.py: answer_span_hit): among the context tokens (the
+``kX = V ;`` pairs, without ``<bos>`` and the query ``? kQ =``), the token with the largest
+relevance is one of the three tokens of the queried pair ``kQ = V``.
+"""
+import json
+import os
+import random
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "python"))
+import train_recall_model as task  # noqa: E402
+
+from lrp_kernels.cli.explain import SHIPPED_MODEL  # noqa: E402
+from lrp_kernels.explain import explain  # noqa: E402
+
+HELD_OUT_SEED = 20261127  # not a training seed (training streams: seed, seed + 1, seed + 2)
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(SHIPPED_MODEL)
+    model = AutoModelForCausalLM.from_pretrained(SHIPPED_MODEL, dtype=torch.float32).eval()
+    return model, tok
+
+
+def held_out(n, seed=HELD_OUT_SEED, pairs=None):
+    rng = random.Random(seed)
+    return [task.make_prompt(rng, pairs or rng.randint(2, task.MAX_PAIRS)) for _ in range(n)]
+
+
+def test_assets_complete_and_small():
+    files = os.listdir(SHIPPED_MODEL)
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "metadata.json", "README.md"):
+        assert name in files, name
+    size = sum(os.path.getsize(os.path.join(SHIPPED_MODEL, f)) for f in files)
+    assert size < 10 * 2**20
+    meta = json.load(open(os.path.join(SHIPPED_MODEL, "metadata.json")))
+    assert meta["heldout_accuracy"] >= 0.95 and "command" in meta and "seed" in meta
+
+
+def test_tokenizer_roundtrip(shipped):
+    _, tok = shipped
+    ex = held_out(1)[0]
+    ids = tok(ex["prompt"])["input_ids"]
+    assert tok.convert_ids_to_tokens(ids) == ["<bos>"] + ex["prompt"].split()
+    assert tok.padding_side == "left" and tok.pad_token == "<pad>"
+
+
+def test_model_solves_recall(shipped):
+    model, tok = shipped
+    exs = held_out(200, seed=HELD_OUT_SEED + 1)
+    enc = tok([e["prompt"] for e in exs], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        pred = model(**enc).logits[:, -1].argmax(-1)
+    acc = sum(p == e["answer"] for p, e in zip(tok.convert_ids_to_tokens(pred.tolist()), exs)) / len(exs)
+    assert acc >= 0.95, acc
+
+
+@pytest.mark.parametrize("rules", ["attnlrp"])
+def test_relevance_points_at_answer_span(shipped, rules):
+    model, tok = shipped
+    exs = held_out(100)
+    exps = explain(model, tok, [e["prompt"] for e in exs], rules=rules)
+    hits = [task.answer_span_hit(x.relevance, e) for x, e in zip(exps, exs)]
+    rate = sum(hits) / len(hits)
+    assert rate >= 0.90, f"{rules}: answer span is the top context region in {rate:.0%} of prompts"
+    # the explained token is the model's answer; the value token of the span is positive
+    correct = [x.target.text == e["answer"] for x, e in zip(exps, exs)]
+    assert sum(correct) >= 95
+    pos = [float(x.relevance[1 + e["span_words"][2]]) > 0 for x, e in zip(exps, exs)]
+    assert sum(pos) >= 90
+
+
+def test_cli_default_model_writes_heatmap(tmp_path, capsys):
+    from lrp_kernels.cli import main
+    out = tmp_path / "heatmap.html"
+    code = main(["explain", "k7 = 23 ; k3 = 19 ; k12 = 5 ; ? k3 =", "--out", str(out),
+                 "--no-progress"])
+    text = capsys.readouterr().out
+    assert code == 0
+    assert "target '19'" in text
+    assert out.read_text(encoding="utf-8").count('class="lrp-tok"') == 14
