@@ -17,7 +17,8 @@ Keys and values of the mapping:
   specific key wins); modules that already are LRP rules / drop-ins are left alone, and the
   inside of a wrapped module is not visited (its rule covers it).
 * a function, operator or method (``operator.add``, ``torch.matmul``, ``F.softmax``,
-  ``torch.Tensor.add``, ``"add"``) -> the drop-in that replaces it (``lrp_kernels.functional``).
+  ``torch.Tensor.add``, or a method name such as ``"exp"`` for ``x.exp()``) -> the drop-in that
+  replaces it (``lrp_kernels.functional``); a method is called as ``fn(self, *args)``.
   Needs ``dummy_inputs``: the model is traced with torch.fx (:mod:`lrp_kernels.fx`) and every
   spelling of the op is rewritten (``a + b``, ``torch.add``, ``a.add(b)``, ...).
 
@@ -26,6 +27,10 @@ Two paths:
 * **module path** (no ``dummy_inputs``): modules are swapped in place on the model;
   :meth:`remove` puts the very same original objects back where they were (shared modules at
   every place) and restores the ``requires_grad`` flags it found. Usable as a context manager.
+  While registered, a wrapped module's ``state_dict`` keys gain ``.module`` (drop-in
+  replacements keep the original keys). Operations written as plain code in ``forward``
+  (``a + b``, ``torch.matmul``) keep their plain gradient on this path: use module wrappers,
+  explicit drop-ins, or the traced path for them.
 * **traced path** (``dummy_inputs`` given): :meth:`register` returns a new
   ``torch.fx.GraphModule``; the original model is not modified (only its parameters are
   frozen, they are shared). Every operation on the relevance path must be handled or
@@ -74,7 +79,7 @@ class Composite:
                                 f"got {type(value).__name__}")
             if isinstance(key, type) and issubclass(key, nn.Module):
                 self.module_map[key] = value
-            elif callable(key) or _fx.group_of_key(key):
+            elif callable(key) or isinstance(key, str):  # a function, operator, or a method name
                 self.function_map[key] = value
             else:
                 raise TypeError(f"layer_map keys are nn.Module subclasses or functions/operators, got {key!r}")

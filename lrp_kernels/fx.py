@@ -232,14 +232,17 @@ _BOUND: dict = {}
 def bind(adapter: Callable, fn: Callable) -> Callable:
     """``adapter`` with its first argument fixed to ``fn``, as a named function (fx's generated
     code calls targets by name; a function object cannot appear among a node's arguments)."""
-    key = (adapter, fn)
-    if key not in _BOUND:
-        def bound(*args, **kwargs):
-            return adapter(fn, *args, **kwargs)
-        tag = getattr(fn, "__name__", type(fn).__name__)
-        bound.__name__ = bound.__qualname__ = f"lrp_{adapter.__name__.replace('lrp_', '')}_{tag}"
-        _BOUND[key] = bound
-    return _BOUND[key]
+    key = (adapter, id(fn))
+    if key in _BOUND and _BOUND[key][0] is fn:
+        return _BOUND[key][1]
+
+    def bound(*args, **kwargs):
+        return adapter(fn, *args, **kwargs)
+
+    tag = getattr(fn, "__name__", type(fn).__name__)
+    bound.__name__ = bound.__qualname__ = f"lrp_{adapter.__name__.replace('lrp_', '')}_{tag}"
+    _BOUND[key] = (fn, bound)
+    return bound
 
 
 # ---- classification and rewriting ------------------------------------------------------------
@@ -256,9 +259,16 @@ class Row:
     detail: str = ""
 
 
+def _in(target, mapping: Mapping) -> bool:
+    try:
+        return target in mapping
+    except TypeError:  # unhashable target
+        return False
+
+
 def _lookup(function_map: Mapping, node: fx.Node):
     """(mapped function, group name) for a call node, exact key first, then the op family."""
-    if node.op == "call_function" and node.target in function_map:
+    if node.op in ("call_function", "call_method") and _in(node.target, function_map):
         return function_map[node.target], group_of_key(node.target)
     for name, (fns, methods) in GROUPS.items():
         hit = node.target in fns if node.op == "call_function" else \

@@ -207,3 +207,30 @@ def test_hugging_face_models_do_not_trace_and_the_error_says_what_to_use():
     with pytest.raises(TraceFailure, match="lrp_kernels.patch"):
         lrp.register(model, dummy_inputs={"input_ids": torch.randint(0, 32, (1, 5))})
     assert not lrp.registered and all(p.requires_grad for p in model.parameters())
+
+
+def test_method_name_keys_and_mapped_functions():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.lin(x).exp() - 1.0
+
+    model = M()
+    x = torch.randn(3, 4)
+    lrp = Composite({nn.Linear: rules.EpsilonRule, "exp": lambda t: lf.identity(torch.exp, t),
+                     operator.sub: lambda a, c: lf.add2(a, torch.as_tensor(-c))})
+    traced = lrp.register(model, dummy_inputs={"x": x})
+    assert {(r.label, r.status) for r in lrp.operations} >= {("Tensor.exp", "handled"), ("operator.sub", "handled")}
+    xr = x.clone().requires_grad_()
+    y = traced(xr)
+    y.backward(y)
+    # by hand: epsilon on the bias "- 1", identity on exp, epsilon on the linear
+    xe = x.clone().requires_grad_()
+    h = lf.identity(torch.exp, lf.linear_epsilon(xe, model.lin.weight, model.lin.bias))
+    ye = lf.add2(h, torch.as_tensor(-1.0))
+    ye.backward(ye)
+    torch.testing.assert_close(xr.grad, xe.grad)
+    lrp.remove()
