@@ -442,6 +442,18 @@ def _rerun(module: nn.Module, params: Dict[str, torch.Tensor], args: Sequence[An
 
 # ----------------------------------------------------------------------------- BasicHook
 
+def _tensor_output(out: Any, module: nn.Module) -> torch.Tensor:
+    """The single floating-point tensor of a module's output (a tensor or a tuple holding one)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        found = [o for o in out if isinstance(o, torch.Tensor) and o.is_floating_point()]
+        if len(found) == 1:
+            return found[0]
+    raise RuntimeError(f"BasicHook supports modules with exactly one floating-point tensor output; "
+                       f"{type(module).__name__} returned {type(out).__name__}")
+
+
 def _default_reducer(inputs: Sequence[torch.Tensor], gradients: Sequence[torch.Tensor]) -> torch.Tensor:
     return sum(x * g for x, g in zip(inputs, gradients))
 
@@ -525,7 +537,7 @@ class BasicHook(Hook):
                 r_out = g_out
             else:
                 with torch.no_grad():
-                    y = _rerun(module, {}, inputs, kwargs)
+                    y = _tensor_output(_rerun(module, {}, inputs, kwargs), module)
                 r_out = g_out.to(compute_dtype(g_out, y)) * y.to(compute_dtype(g_out, y))
             base = {i: inputs[i].detach().requires_grad_(not self.relevance) for i in positions}
             mod_graph: List[Dict[int, torch.Tensor]] = []   # x^k as functions of x (gradient view)
@@ -535,7 +547,7 @@ class BasicHook(Hook):
                 xk = {i: in_mod(base[i]) for i in positions}
                 lk = {i: t.detach().requires_grad_(True) for i, t in xk.items()}
                 args = [lk.get(i, a) for i, a in enumerate(inputs)]
-                outputs.append(out_mod(_rerun(module, par_mod(module), args, kwargs)))
+                outputs.append(out_mod(_tensor_output(_rerun(module, par_mod(module), args, kwargs), module)))
                 mod_graph.append(xk)
                 leaves.append(lk)
             mapped = self.gradient_mapper(r_out, tuple(o.detach() for o in outputs))

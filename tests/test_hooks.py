@@ -462,3 +462,58 @@ def test_gradient_checkpointing_gives_the_same_relevance(reentrant):
 
 def comp_head(head):
     return LayerMapComposite([(nn.Linear, R.Epsilon())]).context(head)
+
+
+class WithAux(nn.Module):
+    """Returns a tuple (tensor, None, int) like many Hugging Face modules."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3).double()
+
+    def forward(self, x):
+        return self.lin(x), None, 7
+
+
+def test_tuple_outputs_and_grad_output_recorded():
+    m = WithAux()
+    seen = {}
+
+    class Record(Hook):
+        def backward(self, module, grad_input, grad_output):
+            seen["grad_output"] = grad_output
+            seen["stored"] = self.stored_tensors["grad_output"]
+            return (grad_output[0] @ module.lin.weight.detach() * 0 + 1.0,)
+
+    h = Record().register(m)
+    x = torch.randn(2, 3, dtype=f64, requires_grad=True)
+    y, none, seven = m(x)
+    assert none is None and seven == 7
+    g = torch.randn_like(y)
+    y.backward(g)
+    h.remove()
+    assert len(seen["grad_output"]) == 1 and torch.equal(seen["grad_output"][0], g)
+    assert seen["stored"][0] is seen["grad_output"][0]
+    assert torch.equal(x.grad, torch.ones_like(x))
+    # BasicHook on the same tuple-returning module: the single tensor output is used
+    h = BasicHook().register(m)
+    x.grad = None
+    y, _, _ = m(x)
+    y.backward(y)
+    h.remove()
+    W, b = m.lin.weight.detach(), m.lin.bias.detach()
+    assert torch.allclose(x.grad, eps_linear(x.detach(), W, b, y.detach()))
+
+
+def test_ignore_hook_on_relu_passes_gradient():
+    class Ignore(Hook):
+        def backward(self, module, grad_input, grad_output):
+            return grad_output
+
+    relu = nn.ReLU()
+    x = torch.randn(1, 4, requires_grad=True)
+    h = Ignore().register(relu)
+    out = relu(x)
+    grad, = torch.autograd.grad(out, x, torch.ones_like(out))
+    h.remove()
+    assert torch.equal(grad, torch.ones_like(x))
