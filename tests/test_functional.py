@@ -486,3 +486,26 @@ def test_mean_scalar_and_empty_dims_follow_torch(view):
     assert out.shape == s.mean(0).shape
     out.backward(torch.ones_like(out))
     assert torch.isfinite(s.grad)
+
+
+def test_mixed_dtypes_in_gemm_rules_raise():
+    x = torch.randn(2, 4)
+    with pytest.raises(TypeError, match="weight is torch.float64"):
+        F.linear_epsilon(x, torch.randn(3, 4, dtype=torch.float64))
+    with pytest.raises(TypeError, match="bias is torch.bfloat16"):
+        G.linear_epsilon(x, torch.randn(3, 4), torch.zeros(3, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="b is torch.float64"):
+        F.matmul(x, torch.randn(4, 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("view", [F, G], ids=["R", "G"])
+def test_softmax_nan_logits_are_not_hidden(view):
+    """A NaN logit is a bug upstream: its row's relevance must show NaN, not a silent 0."""
+    x = torch.randn(3, 5, dtype=torch.float64)
+    x[1, 2] = float("nan")
+    x[2, :] = float("-inf")  # fully masked: still exactly 0
+    x.requires_grad_()
+    s = view.softmax(x, -1)
+    s.backward(torch.ones_like(s) if view is G else torch.nan_to_num(s.detach(), nan=0.0) + 0.1)
+    assert torch.isnan(x.grad[1]).any()
+    assert torch.isfinite(x.grad[0]).all() and (x.grad[2] == 0).all()

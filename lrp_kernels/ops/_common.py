@@ -40,6 +40,14 @@ def check_same_device(**tensors: Optional[torch.Tensor]) -> None:
         raise ValueError(f"expected all tensors on one device, got {listed}")
 
 
+def check_same_dtype(**tensors: Optional[torch.Tensor]) -> None:
+    """All given tensors of one dtype (as the GEMM needs), else an error naming them."""
+    dts = {k: t.dtype for k, t in tensors.items() if t is not None}
+    if len(set(dts.values())) > 1:
+        listed = ", ".join(f"{k} is {d}" for k, d in dts.items())
+        raise TypeError(f"expected one dtype for all tensors, got {listed}")
+
+
 def check_epsilon(epsilon: float) -> None:
     if not isinstance(epsilon, (int, float)) or epsilon < 0:
         raise ValueError(f"epsilon must be a non-negative number, got {epsilon!r}")

@@ -20,7 +20,7 @@ import torch
 
 from .. import dispatch
 from ._common import (DEFAULT_EPSILON, check_epsilon, check_float, check_same_device,
-                      compute_dtype, is_zero, pin_backend, record_backward, record_forward,
+                      check_same_dtype, compute_dtype, is_zero, pin_backend, record_backward, record_forward,
                       stabilize)
 
 
@@ -63,6 +63,7 @@ def check_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     check_same_device(x=x, weight=weight, bias=bias)
+    check_same_dtype(x=x, weight=weight, bias=bias)
     check_epsilon(epsilon)
 
 

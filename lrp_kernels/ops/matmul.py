@@ -20,7 +20,7 @@ import torch
 
 from .. import dispatch
 from ._common import (DEFAULT_EPSILON, check_epsilon, check_float, check_same_device,
-                      compute_dtype, pin_backend, record_backward, record_forward, stabilize)
+                      check_same_dtype, compute_dtype, pin_backend, record_backward, record_forward, stabilize)
 
 
 def _matmul_shapes(a: torch.Tensor, b: torch.Tensor):
@@ -98,6 +98,7 @@ def matmul(
     check_float("a", a)
     check_float("b", b)
     check_same_device(a=a, b=b)
+    check_same_dtype(a=a, b=b)
     check_epsilon(epsilon)
     if a.dim() == 0 or b.dim() == 0:
         raise ValueError("matmul needs a and b with at least 1 dim each (use mul2 for scalars)")

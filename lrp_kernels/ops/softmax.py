@@ -33,13 +33,15 @@ def softmax_dt_backward_torch(
     g, sf = grad_s.to(cd), s.to(cd)
     if relevance:
         out = g - sf * g.sum(dim, keepdim=True)
-        xs = torch.nan_to_num(x.to(cd), neginf=0.0) / temperature
+        xf = x.to(cd)
+        xs = torch.where(torch.isneginf(xf), 0.0, xf) / temperature
         out = zero_masked(xs * out, x)
     else:
         out = sf * (g - (sf * g).sum(dim, keepdim=True)) / temperature
         out = zero_masked(out, x)
-    # a fully masked row has s = NaN from softmax; its relevance is 0
-    return torch.nan_to_num(out, nan=0.0).to(x.dtype)
+    # A fully -inf row has s = NaN; all its entries are masked, so zero_masked already made its
+    # relevance 0. NaN from anywhere else (NaN logits or relevance) stays visible: never hidden.
+    return out.to(x.dtype)
 
 
 dispatch.register("softmax_dt_backward", "torch", softmax_dt_backward_torch)
