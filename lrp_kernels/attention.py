@@ -89,8 +89,8 @@ class _Spec:
         check_epsilon(epsilon)
         if scale is None:
             scale = d ** -0.5
-        if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-            raise ValueError(f"scale must be a finite number, got {scale!r}")
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale != 0):
+            raise ValueError(f"scale must be a finite non-zero number, got {scale!r}")
         if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
             raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
         if window is not None and not (isinstance(window, int) and window > 0):
@@ -194,6 +194,11 @@ def _eager(q, k, v, spec: _Spec, relevance: bool) -> torch.Tensor:
 
 
 # ---- chunked: the torch backend of the fused kernel ops ---------------------------------------
+#
+# Per query block, only the keys its masks can reach are touched (causal: up to the diagonal;
+# sliding window: from the window's start), and the N x M block tensors are updated in place:
+# the scores become P, and H @ V^T becomes T. S0 / stab(S0) is computed from the scaled
+# logits: with S = scale * S0, ``S0 / stab(S0) = |S| / (|S| + |scale| eps)`` exactly.
 
 def _block_rows(spec: _Spec, block_size: Optional[int]) -> int:
     if block_size is not None:
@@ -207,55 +212,81 @@ def _grouped(t: torch.Tensor, spec: _Spec) -> torch.Tensor:
     return t.reshape(spec.B, spec.Hkv, spec.G, t.shape[-2], t.shape[-1])
 
 
-def _grouped_bias(bias: Optional[torch.Tensor], spec: _Spec) -> Optional[torch.Tensor]:
-    if bias is None:
-        return None
-    if bias.dim() == 2:
-        return bias
-    if bias.shape[1] == 1:
-        return bias[:, :, None]
-    return bias.reshape(bias.shape[0], spec.Hkv, spec.G, bias.shape[-2], bias.shape[-1])
+def _key_span(spec: _Spec, q0: int, q1: int) -> tuple[int, int]:
+    """Keys [lo, hi) that query rows [q0, q1) may attend to (causal / window)."""
+    off = spec.M - spec.N
+    lo, hi = 0, spec.M
+    if spec.causal:
+        hi = max(0, min(hi, q1 + off))
+    if spec.window is not None:
+        lo = min(hi, max(0, q0 + off - spec.window + 1))
+    return lo, hi
 
 
-def _scores(qb, kf, spec: _Spec, bias):
-    """S0 = Q K^T, S (scaled, soft-capped, masked), and tanh(x) for the soft-cap (or None)."""
-    s0 = qb @ kf.transpose(-1, -2)
-    s = s0 * spec.scale
-    y = None
-    if spec.softcap is not None:
-        y = torch.tanh(s / spec.softcap)
-        s = y * spec.softcap
-    if bias is not None:
-        s = s + bias
-    return s0, s, y
+def _mask_block(s: torch.Tensor, spec: _Spec, q0: int, q1: int, lo: int, hi: int) -> None:
+    """Put -inf (in place) where rows [q0, q1) x keys [lo, hi) of ``s`` [B, Hkv, G, n, span] are
+    masked; add a finite additive mask."""
+    if spec.causal or spec.window is not None:
+        qpos = torch.arange(q0, q1, device=s.device)[:, None] + (spec.M - spec.N)
+        kpos = torch.arange(lo, hi, device=s.device)[None, :]
+        bad = None
+        if spec.causal and hi - 1 > q0 + spec.M - spec.N:
+            bad = kpos > qpos
+        if spec.window is not None and lo <= q1 - 1 + spec.M - spec.N - spec.window:
+            far = kpos <= qpos - spec.window
+            bad = far if bad is None else bad | far
+        if bad is not None:
+            s.masked_fill_(bad, -math.inf)
+    m = spec.mask
+    if m is None:
+        return
+    m = (m if m.shape[-2] == 1 else m[..., q0:q1, :])[..., lo:hi]
+    m = m[:, :, None] if m.shape[1] == 1 else m.reshape(m.shape[0], spec.Hkv, spec.G, *m.shape[-2:])
+    if m.dtype == torch.bool:
+        s.masked_fill_(~m, -math.inf)
+    else:
+        s.add_(m.to(s.dtype).masked_fill(m <= torch.finfo(m.dtype).min, -math.inf))
 
 
-def _safe_lse(s: torch.Tensor) -> torch.Tensor:
-    """Row log-sum-exp, +inf for fully masked rows (so exp(S - lse) = 0 there, never NaN)."""
-    lse = torch.logsumexp(s, -1, keepdim=True)
-    return lse.masked_fill(torch.isneginf(lse), math.inf)
+def _block_scores(qs, kb, spec: _Spec):
+    """S (scaled, soft-capped, not yet masked) from the scaled queries; tanh(x) / stab(x) for
+    the soft-cap's identity rule (None without soft-cap)."""
+    s = qs @ kb.transpose(-1, -2)
+    if spec.softcap is None:
+        return s, None
+    x = s / spec.softcap
+    y = torch.tanh(x)
+    return y * spec.softcap, y.div_(stabilize(x, spec.epsilon))
 
 
 def attnlrp_forward_torch(q, k, v, spec: _Spec, block_size: Optional[int]):
-    """``(O, lse)``: O in q's dtype [B, Hq, N, dv], lse fp32 [B, Hq, N] (+inf on dead rows)."""
+    """``(O, lse)``: O in q's dtype [B, Hq, N, dv], lse [B, Hq, N] (+inf on fully masked rows)."""
     bq = _block_rows(spec, block_size)
     kf, vf = k.to(spec.cd)[:, :, None], v.to(spec.cd)[:, :, None]
-    o = torch.empty(spec.B, spec.Hq, spec.N, spec.dv, dtype=q.dtype, device=q.device)
-    lse = torch.empty(spec.B, spec.Hq, spec.N, dtype=spec.cd, device=q.device)
-    og, lg = _grouped(o, spec), lse.view(spec.B, spec.Hkv, spec.G, spec.N)
-    qg = _grouped(q, spec)
+    o = torch.zeros(spec.B, spec.Hq, spec.N, spec.dv, dtype=q.dtype, device=q.device)
+    lse = torch.full((spec.B, spec.Hq, spec.N), math.inf, dtype=spec.cd, device=q.device)
+    og, lg, qg = _grouped(o, spec), lse.view(spec.B, spec.Hkv, spec.G, spec.N), _grouped(q, spec)
     for q0 in range(0, spec.N, bq):
         q1 = min(spec.N, q0 + bq)
-        bias = _grouped_bias(mask_bias(spec, q0, q1, q.device), spec)
-        _, s, _ = _scores(qg[..., q0:q1, :].to(spec.cd), kf, spec, bias)
-        l = _safe_lse(s)
-        og[..., q0:q1, :] = (torch.exp(s - l) @ vf).to(q.dtype)
-        lg[..., q0:q1] = l[..., 0]
+        lo, hi = _key_span(spec, q0, q1)
+        if hi <= lo:
+            continue  # every row fully masked: O = 0, lse = +inf
+        qs = qg[..., q0:q1, :].to(spec.cd) * spec.scale
+        s, _ = _block_scores(qs, kf[..., lo:hi, :], spec)
+        _mask_block(s, spec, q0, q1, lo, hi)
+        m = s.amax(-1, keepdim=True)
+        m = m.masked_fill_(torch.isneginf(m), 0.0)
+        p = s.sub_(m).exp_()
+        l = p.sum(-1, keepdim=True)
+        alive = l > 0
+        l_safe = torch.where(alive, l, torch.ones((), dtype=l.dtype, device=l.device))
+        og[..., q0:q1, :] = ((p @ vf[..., lo:hi, :]) / l_safe).to(q.dtype)
+        lg[..., q0:q1] = torch.where(alive, m + torch.log(l_safe), math.inf)[..., 0]
     return o, lse
 
 
 def relevance_input(grad_o, o, spec: _Spec, relevance: bool) -> torch.Tensor:
-    """``H`` (fp32): ``G_O * O / (share * stab(O))``, or ``R_O / (share * stab(O))``."""
+    """``H``: ``G_O * O / (share * stab(O))``, or ``R_O / (share * stab(O))`` (fp32 or fp64)."""
     share = 2.0 if spec.rule == "attnlrp" else 1.0
     of = o.to(spec.cd)
     h = grad_o.to(spec.cd) / (share * stabilize(of, spec.epsilon))
@@ -267,40 +298,46 @@ def attnlrp_backward_torch(grad_o, q, k, v, o, lse, spec: _Spec, relevance: bool
     """``(G_Q, G_K, G_V)`` (relevance view: ``R_Q, R_K, R_V``) block by block over queries."""
     bq = _block_rows(spec, block_size)
     attn = spec.rule == "attnlrp"
+    B, Hkv, G = spec.B, spec.Hkv, spec.G
     h = relevance_input(grad_o, o, spec, relevance)
     dsum = (h * o.to(spec.cd)).sum(-1, keepdim=True)  # D = rowsum(H * O)
     hg, dg = _grouped(h, spec), _grouped(dsum, spec)
-    qg, lg = _grouped(q, spec), lse.view(spec.B, spec.Hkv, spec.G, spec.N, 1)
+    qg, lg = _grouped(q, spec), lse.view(B, Hkv, G, spec.N, 1)
     kf, vf = k.to(spec.cd)[:, :, None], v.to(spec.cd)[:, :, None]
-    gv = torch.zeros(spec.B, spec.Hkv, spec.M, spec.dv, dtype=spec.cd, device=q.device)
-    gk = torch.zeros(spec.B, spec.Hkv, spec.M, spec.d, dtype=spec.cd, device=q.device) if attn else None
-    gq = torch.zeros(spec.B, spec.Hq, spec.N, spec.d, dtype=spec.cd, device=q.device) if attn else None
+    gv = torch.zeros(B, Hkv, spec.M, spec.dv, dtype=spec.cd, device=q.device)
+    gk = torch.zeros(B, Hkv, spec.M, spec.d, dtype=spec.cd, device=q.device) if attn else None
+    gq = torch.zeros(B, spec.Hq, spec.N, spec.d, dtype=spec.cd, device=q.device) if attn else None
     gqg = _grouped(gq, spec) if attn else None
-    G = spec.G
+    eps_s = abs(spec.scale) * spec.epsilon  # stab of S0, seen on the scaled logits
     for q0 in range(0, spec.N, bq):
         q1 = min(spec.N, q0 + bq)
-        n = q1 - q0
-        bias = _grouped_bias(mask_bias(spec, q0, q1, q.device), spec)
-        qb = qg[..., q0:q1, :].to(spec.cd)
-        s0, s, y = _scores(qb, kf, spec, bias)
-        p = torch.exp(s - lg[..., q0:q1, :])
-        del s
-        hb = hg[..., q0:q1, :]
-        # G_V = sum over the group of P^T @ H
-        gv += (p.permute(0, 1, 4, 2, 3).reshape(spec.B, spec.Hkv, spec.M, G * n)
-               @ hb.reshape(spec.B, spec.Hkv, G * n, spec.dv)) if G > 1 else (p.transpose(-1, -2) @ hb)[:, :, 0]
+        lo, hi = _key_span(spec, q0, q1)
+        if hi <= lo:
+            continue
+        n, span = q1 - q0, hi - lo
+        qs = qg[..., q0:q1, :].to(spec.cd) * spec.scale
+        kb, vb = kf[..., lo:hi, :], vf[..., lo:hi, :]
+        s, cap = _block_scores(qs, kb, spec)
+        if attn:  # S0 / stab(S0), before masking turns S into -inf
+            r = s.abs() if cap is None else (qs @ kb.transpose(-1, -2)).abs_()
+            r = r.div_(r + eps_s)
+        _mask_block(s, spec, q0, q1, lo, hi)
+        p = s.sub_(lg[..., q0:q1, :]).exp_()  # P; 0 where masked and on fully masked rows
+        hb = hg[..., q0:q1, :].reshape(B, Hkv, G * n, spec.dv)
+        # G_V = sum over the group's heads of P^T @ H
+        gv[:, :, lo:hi] += p.view(B, Hkv, G * n, span).transpose(-1, -2) @ hb
         if not attn:
             continue
-        gs = p * (hb @ vf.transpose(-1, -2) - dg[..., q0:q1, :])
-        del p
-        if y is not None:  # identity rule on tanh: G_x = G_y * y / stab(x)
-            gs = gs * y / stabilize(s0 * (spec.scale / spec.softcap), spec.epsilon)
-        t = gs * s0 / (2.0 * stabilize(s0, spec.epsilon))
-        del gs, s0
-        gqg[..., q0:q1, :] = spec.scale * (t @ kf)
-        gk += spec.scale * ((t.permute(0, 1, 4, 2, 3).reshape(spec.B, spec.Hkv, spec.M, G * n)
-                             @ qb.reshape(spec.B, spec.Hkv, G * n, spec.d)) if G > 1
-                            else (t.transpose(-1, -2) @ qb)[:, :, 0])
+        t = hb.view(B, Hkv, G, n, spec.dv) @ vb.transpose(-1, -2)    # H @ V^T
+        t = t.sub_(dg[..., q0:q1, :]).mul_(p)                          # G_S
+        del p, s
+        if cap is not None:
+            t.mul_(cap)                                                # identity rule on tanh
+        t.mul_(r)                                                      # 2 T = G_S S0 / stab(S0)
+        del r
+        gqg[..., q0:q1, :] = (t @ kb).mul_(0.5 * spec.scale)
+        gk[:, :, lo:hi] += (t.view(B, Hkv, G * n, span).transpose(-1, -2)
+                            @ qs.reshape(B, Hkv, G * n, spec.d)).mul_(0.5)
     if relevance:
         gv = gv * v.to(spec.cd)
         if attn:
