@@ -34,6 +34,7 @@ from torch import nn
 
 from . import dispatch
 from .hooks import BasicHook, Hook, ParamMod, _as_stabilizer, zero_grad_reducer
+from .ops import linear_gamma as _linear_gamma  # noqa: F401  (registers linear_gamma_backward)
 from .ops._common import DEFAULT_EPSILON
 
 __all__ = ["ClampMod", "GammaMod", "NoMod", "Epsilon", "ZPlus", "AlphaBeta", "Gamma", "Flat",
@@ -99,6 +100,25 @@ def _neg(x: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- rules
 
+def _fused_linear_args(rule: BasicHook, module: nn.Module, grad_input, grad_output, numeric: bool,
+                       zero_params: Names):
+    """(x, weight, bias) when a plain nn.Linear can use a fused kernel op, else None."""
+    zp = _zeros(zero_params)
+    if (type(module) is not nn.Linear or not numeric or any(n != "bias" for n in zp)
+            or len(grad_input) != 1 or grad_input[0] is None or len(grad_output) != 1
+            or rule.stored_tensors.get("kwargs")):
+        return None
+    x, = rule.stored_tensors["input"]
+    if x._version != rule.stored_tensors["versions"][0]:
+        return None  # the generic path raises the clear error
+    bias = None if (module.bias is None or "bias" in zp) else module.bias.detach()
+    z = None
+    if not rule.relevance and bias is None and module.bias is not None:
+        # gradient view: R_z = G_z * z needs the layer's actual output, bias included
+        z = nn.functional.linear(x, module.weight.detach(), module.bias.detach())
+    return x, module.weight.detach(), bias, z
+
+
 class Epsilon(BasicHook):
     """``R_j = sum_k x_j w_jk / stab(z_k) R_k``; ``epsilon`` is a number or a stabiliser callable.
 
@@ -115,16 +135,15 @@ class Epsilon(BasicHook):
                          relevance=relevance)
 
     def backward(self, module, grad_input, grad_output):
-        if (type(module) is nn.Linear and not self.zero_params and not callable(self.epsilon)
-                and len(grad_input) == 1 and grad_input[0] is not None and len(grad_output) == 1
-                and not self.stored_tensors.get("kwargs")):
-            x, = self.stored_tensors["input"]
-            if x._version != self.stored_tensors["versions"][0]:
-                return super().backward(module, grad_input, grad_output)  # raises the clear error
-            return (dispatch.call("linear_epsilon_backward", grad_output[0], x, module.weight.detach(),
-                                  None if module.bias is None else module.bias.detach(), None,
-                                  float(self.epsilon), self.relevance),)
-        return super().backward(module, grad_input, grad_output)
+        fused = _fused_linear_args(self, module, grad_input, grad_output, not callable(self.epsilon),
+                                   self.zero_params)
+        if fused is None:
+            return super().backward(module, grad_input, grad_output)
+        x, weight, bias, z = fused
+        if z is not None:  # the op's z is the denominator too: zeroed bias in the gradient view
+            return super().backward(module, grad_input, grad_output)
+        return (dispatch.call("linear_epsilon_backward", grad_output[0], x, weight, bias, None,
+                              float(self.epsilon), self.relevance),)
 
 
 class Norm(BasicHook):
@@ -178,12 +197,17 @@ class Gamma(BasicHook):
     enlarged by ``gamma`` (see the table in the module docstring). Four copies:
     ``x^+ (W + gW^+) + b + gb^+``, ``x^- (W + gW^-)``, ``x^+ (W + gW^-) + b + gb^-``, ``x^- (W + gW^+)``;
     the first two add up to the positive-output denominator, the last two to the negative one,
-    and their total is ``(2 + gamma) z``, which gives the sign of ``z``."""
+    and their total is ``(2 + gamma) z``, which gives the sign of ``z``.
+
+    ``nn.Linear`` with a numeric stabiliser uses the ``linear_gamma_backward`` kernel op
+    (:mod:`lrp_kernels.ops.linear_gamma`; fused Triton kernels on CUDA)."""
 
     def __init__(self, gamma: float = 0.25, stabilizer: Stab = DEFAULT_EPSILON, zero_params: Names = None,
                  relevance: bool = True):
         _check_nonneg("gamma", gamma)
         self.gamma = float(gamma)
+        self.epsilon = stabilizer
+        self.zero_params = zero_params
         z = zero_params
         super().__init__(
             input_modifiers=[_pos, _neg, _pos, _neg],
@@ -199,6 +223,15 @@ class Gamma(BasicHook):
         gp = torch.where(positive, grad_output / self.stabilizer(den_p), zero)
         gn = torch.where(positive, zero, grad_output / self.stabilizer(den_n))
         return gp, gp, gn, gn
+
+    def backward(self, module, grad_input, grad_output):
+        numeric = isinstance(self.epsilon, (int, float)) and not isinstance(self.epsilon, bool)
+        fused = _fused_linear_args(self, module, grad_input, grad_output, numeric, self.zero_params)
+        if fused is None:
+            return super().backward(module, grad_input, grad_output)
+        x, weight, bias, z = fused
+        return (dispatch.call("linear_gamma_backward", grad_output[0], x, weight, bias, z, self.gamma,
+                              float(self.epsilon), self.relevance),)
 
 
 class Flat(BasicHook):

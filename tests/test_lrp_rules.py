@@ -230,18 +230,22 @@ def test_rule_matches_explicit_matrix(kind, name, kw, bias):
         assert torch.allclose(got, ref, rtol=1e-9, atol=1e-10), (name, kind, bias, (got - ref).abs().max())
 
 
+@pytest.mark.parametrize("zero_params", [None, "bias"])
 @pytest.mark.parametrize("kind", ["linear", "conv2d"])
 @pytest.mark.parametrize("name,kw", [r for r in RULES if r[0] in GRADIENT_VIEW],
                          ids=[f"{n}{'-'.join(str(v) for v in k.values())}" for n, k in RULES if n in GRADIENT_VIEW])
-def test_gradient_view_gives_same_relevance(kind, name, kw):
+def test_gradient_view_gives_same_relevance(kind, name, kw, zero_params):
+    """Gradient view: R_y = y * G_y with y the layer's actual output (bias included even when
+    the rule zeroes it); relevance x * G_x equals the relevance-view reference."""
     layer, shape = layers()[kind]
     torch.manual_seed(2)
     layer = layer.double()
     x = torch.randn(shape, dtype=f64)
     M, C, b = explicit(layer, shape)
-    R_x, R_y = run_rule(make_rule(name, relevance=False, **kw), layer, x, lambda y: torch.randn_like(y), relevance=False)
+    rule = make_rule(name, relevance=False, zero_params=zero_params, **kw)
+    R_x, R_y = run_rule(rule, layer, x, lambda y: torch.randn_like(y), relevance=False)
     for n in range(shape[0]):
-        ref = ref_rule(name, x[n].reshape(-1), M, C, b, R_y[n].reshape(-1), EPS, **kw)
+        ref = ref_rule(name, x[n].reshape(-1), M, C, None if zero_params else b, R_y[n].reshape(-1), EPS, **kw)
         assert torch.allclose(R_x[n].reshape(-1), ref, rtol=1e-8, atol=1e-9)
 
 
@@ -357,3 +361,21 @@ def test_rules_on_cuda_match_float64_reference(name, kw, kind):
         ref = ref_rule(name, x[n].reshape(-1).double(), M, C, b, R_y[n].reshape(-1).double().cpu(), EPS, **kw)
         err = (R_x[n].reshape(-1).double().cpu() - ref).norm() / ref.norm()
         assert err < 1e-4, err  # TF32 is off by default for fp32 matmuls in torch
+
+
+@pytest.mark.parametrize("relevance", [True, False])
+@pytest.mark.parametrize("zero_params", [None, "bias"])
+def test_gamma_linear_kernel_op_matches_generic_basic_hook(relevance, zero_params):
+    """Gamma on nn.Linear runs the linear_gamma_backward op; a callable stabiliser forces the
+    generic four-copy BasicHook path: same numbers (inputs with exact zeros, 3-D batch)."""
+    from lrp_kernels.hooks import stabilize
+    torch.manual_seed(10)
+    layer = nn.Linear(9, 7).double()
+    x = torch.randn(2, 3, 9, dtype=f64)
+    x[0, 0, :3] = 0.0
+    r_out = torch.randn(2, 3, 7, dtype=f64)
+    fused, _ = run_rule(R.Gamma(0.3, 1e-4, zero_params=zero_params, relevance=relevance), layer, x,
+                        lambda y: r_out, relevance)
+    generic, _ = run_rule(R.Gamma(0.3, lambda z: stabilize(z, 1e-4), zero_params=zero_params, relevance=relevance),
+                          layer, x, lambda y: r_out, relevance)
+    assert torch.allclose(fused, generic, rtol=1e-10, atol=1e-12)
