@@ -89,6 +89,8 @@ def bench_linear(quick: bool, views) -> list[dict]:
             t_torch = bench(lambda: fallback(g, x, w, b, z, 1e-6, relevance))
             t_gemm = bench(lambda: g @ w)
             err = rel_err(fused(g, x, w, b, z, 1e-6, relevance), fallback(g, x, w, b, z, 1e-6, relevance))
+            from lrp_kernels.triton.linear_epsilon import _eps_gemm_tuned
+            config = str(getattr(_eps_gemm_tuned, "best_config", ""))
             flops = 2 * s * n_out * k_in
             nbytes = 2 * (2 * s * n_out + n_out * k_in + (2 if relevance else 1) * s * k_in)
             rows.append({
@@ -99,6 +101,7 @@ def bench_linear(quick: bool, views) -> list[dict]:
                 "gbps_fused": nbytes / t_fused / 1e6,
                 "fused_over_gemm": t_fused / t_gemm, "speedup_vs_torch": t_torch / t_fused,
                 "goal_met": t_fused / t_gemm <= 1.15 and t_torch / t_fused >= 1.5, "rel_err_vs_torch": err,
+                "autotuned_config": config,
             })
             del x, w, b, z, g
     return rows

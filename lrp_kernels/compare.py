@@ -212,7 +212,10 @@ def build_cases(sizes: Sequence[int], dtype: torch.dtype, device: str, seed: int
         mu = xl.to(F64).mean(-1)
         rstd = 1.0 / torch.sqrt((xl.to(F64) - mu[:, None]).pow(2).mean(-1) + 1e-5)
         stats_dtype = F64 if dtype == F64 else torch.float32
-        args = (rnd(m, n), xl, wl, bl, mu.to(stats_dtype), rstd.to(stats_dtype), EPS, relevance)
+        # epsilon 1e-2 here: the R-view divides by stab(x - mean) and stab(y), which the kernels
+        # recompute from the saved statistics in float32; near 0 that rounding is amplified by
+        # up to 1/epsilon (conditioning of the rule, not a kernel error)
+        args = (rnd(m, n), xl, wl, bl, mu.to(stats_dtype), rstd.to(stats_dtype), 1e-2, relevance)
         cases.append(Case("layer_norm_backward", view, args, lambda a=args: oracle_ln_backward(*a)))
     # view-less ops: norm forwards and the RMSNorm gradient
     xr, wr = rnd(m, n), rnd(n)

@@ -125,6 +125,25 @@ def test_linear_vs_torch_noncontiguous(poison, relevance, recompute):
     assert rel_err(got, want) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("relevance", [True, False])
+def test_swapped_tile_variant(poison, monkeypatch, relevance):
+    """The SWAP_AB config (transposed tile W^T @ h^T, autotuned on GPU) gives the same result."""
+    from lrp_kernels.triton import linear_epsilon as lin
+    for name in ("INTERPRET_CONFIG", "FIXED_CONFIG"):
+        monkeypatch.setitem(getattr(lin, name), "SWAP_AB", True)
+    gen = torch.Generator().manual_seed(13 + relevance)
+    x, w, b = dyadic(2, 37, 29, gen=gen), dyadic(45, 29, gen=gen), dyadic(45, gen=gen)
+    g = gauss(2, 37, 45, gen=gen)
+    z = torch.nn.functional.linear(x, w, b)
+    got = triton_call("linear_epsilon_backward", g, x, w, b, z, 1e-6, relevance)
+    want = (oracle.linear_epsilon_R if relevance else oracle.linear_epsilon_G)(x, w, b, g, 1e-6)
+    assert rel_err(got, want) < TOL[torch.float32]
+    a, bb = dyadic(2, 37, 16, gen=gen), dyadic(2, 16, 45, gen=gen)
+    ga, gb = triton_call("matmul_ue_backward", g, a, bb, a @ bb, 1e-6, relevance, True, True)
+    wa, wb = (oracle.matmul_R if relevance else oracle.matmul_G)(a, bb, g, 1e-6)
+    assert rel_err(ga, wa) < TOL[torch.float32] and rel_err(gb, wb) < TOL[torch.float32]
+
+
 def test_linear_zero_z_is_finite(poison):
     """z == 0 exactly: stab(0) = +eps, never 0 (no inf / NaN)."""
     gen = torch.Generator().manual_seed(3)
@@ -287,13 +306,17 @@ def test_broadcast_matmul_falls_back_with_reason():
 def test_supports_reasons(monkeypatch):
     from lrp_kernels.triton.linear_epsilon import supports as lin
     from lrp_kernels.triton.softmax_dt import supports as sm
-    x = torch.randn(3, 4, dtype=torch.float64)
-    w = torch.randn(5, 4, dtype=torch.float64)
-    assert "float64" in lin(torch.randn(3, 5, dtype=torch.float64), x, w, None, None, 1e-6, True)
-    assert "grad_z" in lin(torch.randn(3, 6), x.float(), w.float(), None, None, 1e-6, True)
-    assert "one shape" in sm(torch.randn(3), torch.randn(4), torch.randn(4), 0, 1.0, True)
+    x = torch.randn(3, 4, dtype=torch.float64, device=DEV)
+    w = torch.randn(5, 4, dtype=torch.float64, device=DEV)
+    g64 = torch.randn(3, 5, dtype=torch.float64, device=DEV)
+    assert "float64" in lin(g64, x, w, None, None, 1e-6, True)
+    assert lin(g64.float(), x.float(), w.float(), None, None, 1e-6, True) is None
+    assert "grad_z" in lin(torch.randn(3, 6, device=DEV), x.float(), w.float(), None, None, 1e-6, True)
+    v3, v4 = torch.randn(3, device=DEV), torch.randn(4, device=DEV)
+    assert "one shape" in sm(v3, v4, v4, 0, 1.0, True)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    why = lin(torch.randn(3, 5), x.float(), w.float(), None, None, 1e-6, True)
+    cpu = [t.cpu() for t in (g64.float(), x.float(), w.float())]
+    why = lin(*cpu, None, None, 1e-6, True)
     assert "TRITON_INTERPRET=1" in why and "cpu" in why
 
 

@@ -41,23 +41,30 @@ from .. import triton as _backend
 from . import stabilize
 
 
-def _configs() -> list:
+def _configs(swap_variants: bool) -> list:
+    """Autotune list. ``SWAP_AB`` computes the transposed tile ``W^T @ h^T`` (the scaled
+    operand becomes the tensor-core B operand, staged through shared memory) instead of
+    ``h @ W`` (A operand from registers); which is faster depends on the compiler and shape."""
     c = triton.Config
-    return [
-        c({"BLOCK_I": 128, "BLOCK_J": 256, "BLOCK_R": 64, "GROUP_I": 8}, num_warps=8, num_stages=3),
-        c({"BLOCK_I": 256, "BLOCK_J": 128, "BLOCK_R": 64, "GROUP_I": 8}, num_warps=8, num_stages=3),
-        c({"BLOCK_I": 128, "BLOCK_J": 128, "BLOCK_R": 64, "GROUP_I": 8}, num_warps=8, num_stages=4),
-        c({"BLOCK_I": 128, "BLOCK_J": 128, "BLOCK_R": 64, "GROUP_I": 8}, num_warps=4, num_stages=4),
-        c({"BLOCK_I": 128, "BLOCK_J": 128, "BLOCK_R": 32, "GROUP_I": 8}, num_warps=4, num_stages=4),
-        c({"BLOCK_I": 64, "BLOCK_J": 128, "BLOCK_R": 64, "GROUP_I": 8}, num_warps=4, num_stages=4),
-        c({"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_R": 32, "GROUP_I": 8}, num_warps=4, num_stages=3),
+    base = [
+        ({"BLOCK_I": 128, "BLOCK_J": 256, "BLOCK_R": 64, "GROUP_I": 8}, 8, 3),
+        ({"BLOCK_I": 256, "BLOCK_J": 128, "BLOCK_R": 64, "GROUP_I": 8}, 8, 3),
+        ({"BLOCK_I": 128, "BLOCK_J": 128, "BLOCK_R": 64, "GROUP_I": 8}, 8, 4),
+        ({"BLOCK_I": 128, "BLOCK_J": 128, "BLOCK_R": 64, "GROUP_I": 8}, 4, 4),
+        ({"BLOCK_I": 64, "BLOCK_J": 128, "BLOCK_R": 64, "GROUP_I": 8}, 4, 4),
+        ({"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_R": 32, "GROUP_I": 8}, 4, 3),
     ]
+    out = [c({**kw, "SWAP_AB": False}, num_warps=w, num_stages=st) for kw, w, st in base]
+    if swap_variants:
+        out += [c({**kw, "SWAP_AB": True}, num_warps=w, num_stages=st) for kw, w, st in base[:4]]
+    return out
 
 
 # fixed tile sizes under the interpreter (no autotune: it would run every config on the CPU)
-INTERPRET_CONFIG = {"BLOCK_I": 32, "BLOCK_J": 32, "BLOCK_R": 32, "GROUP_I": 4}
+INTERPRET_CONFIG = {"BLOCK_I": 32, "BLOCK_J": 32, "BLOCK_R": 32, "GROUP_I": 4, "SWAP_AB": False}
 # fixed GPU config when LRP_KERNELS_TRITON_AUTOTUNE=0 (tests: one compile per variant, not seven)
-FIXED_CONFIG = {"BLOCK_I": 128, "BLOCK_J": 128, "BLOCK_R": 32, "GROUP_I": 8, "num_warps": 4, "num_stages": 3}
+FIXED_CONFIG = {"BLOCK_I": 128, "BLOCK_J": 128, "BLOCK_R": 32, "GROUP_I": 8, "SWAP_AB": False,
+                "num_warps": 4, "num_stages": 3}
 
 
 @triton.jit
@@ -72,6 +79,7 @@ def _eps_gemm_kernel(
     eps, scale,
     RELEVANCE: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_I: tl.constexpr,
+    SWAP_AB: tl.constexpr,
 ):
     """One ``[BLOCK_I, BLOCK_J]`` tile of ``out[b] = prologue(G[b], Z[b]) @ W[b] (* X[b])``."""
     pid = tl.program_id(0)
@@ -94,7 +102,10 @@ def _eps_gemm_kernel(
     z_ptrs = Z + batch * stride_zb + offs_i[:, None] * stride_zi + offs_r[None, :] * stride_zr
     w_ptrs = W + batch * stride_wb + offs_r[:, None] * stride_wr + offs_j[None, :] * stride_wj
 
-    acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+    if SWAP_AB:  # accumulate the transposed tile
+        acc = tl.zeros((BLOCK_J, BLOCK_I), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         in_r = (r0 + offs_r) < R
         left_mask = in_i[:, None] & in_r[None, :]
@@ -106,13 +117,21 @@ def _eps_gemm_kernel(
             h = h * z
         w = tl.load(w_ptrs, mask=in_r[:, None] & in_j[None, :], other=0.0)
         if DOT_FP32:
-            acc = tl.dot(h, w.to(tl.float32), acc, input_precision=DOT_PRECISION)
+            if SWAP_AB:
+                acc = tl.dot(tl.trans(w.to(tl.float32)), tl.trans(h), acc, input_precision=DOT_PRECISION)
+            else:
+                acc = tl.dot(h, w.to(tl.float32), acc, input_precision=DOT_PRECISION)
         else:
-            acc = tl.dot(h.to(w.dtype), w, acc)
+            if SWAP_AB:
+                acc = tl.dot(tl.trans(w), tl.trans(h.to(w.dtype)), acc)
+            else:
+                acc = tl.dot(h.to(w.dtype), w, acc)
         g_ptrs += BLOCK_R * stride_gr
         z_ptrs += BLOCK_R * stride_zr
         w_ptrs += BLOCK_R * stride_wr
 
+    if SWAP_AB:
+        acc = tl.trans(acc)
     out_mask = in_i[:, None] & in_j[None, :]
     if RELEVANCE:
         x_ptrs = X + batch * stride_xb + offs_i[:, None] * stride_xi + offs_j[None, :] * stride_xj
@@ -121,7 +140,10 @@ def _eps_gemm_kernel(
     tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=out_mask)
 
 
-_eps_gemm_tuned = triton.autotune(configs=_configs(), key=["I", "J", "R", "RELEVANCE"])(_eps_gemm_kernel)
+# linear layers (one batch, big GEMMs) try more configs than batched matmuls (many shapes)
+_eps_gemm_tuned = triton.autotune(configs=_configs(True), key=["I", "J", "R", "RELEVANCE"])(_eps_gemm_kernel)
+_eps_gemm_tuned_batched = triton.autotune(configs=_configs(False), key=["I", "J", "R", "RELEVANCE"])(
+    _eps_gemm_kernel)
 
 
 def _dot_mode(w_dtype: torch.dtype) -> tuple[bool, str]:
@@ -163,8 +185,9 @@ def eps_gemm(g: torch.Tensor, z: torch.Tensor, w: torch.Tensor, x: Optional[torc
     else:
         def grid(meta):
             return (triton.cdiv(I, meta["BLOCK_I"]) * triton.cdiv(J, meta["BLOCK_J"]), batch)
+        tuned = _eps_gemm_tuned if batch == 1 else _eps_gemm_tuned_batched
         with torch.cuda.device(out.device):
-            _eps_gemm_tuned[grid](*args, **flags)
+            tuned[grid](*args, **flags)
     return out
 
 

@@ -9,8 +9,9 @@ Masked logits (``x == -inf`` or ``x <= finfo(x.dtype).min``) are excluded from t
 and get exactly 0 (never ``-inf * 0 = NaN``); a fully masked row gives 0 everywhere (its
 ``s`` may be NaN or uniform: it is never read there).
 
-One program per row: rows up to ``MAX_BLOCK`` are loaded once and kept in registers; longer
-rows loop over blocks twice (sum, then output). ``dim`` is moved last (a view when the
+Rows up to ``MAX_BLOCK`` are loaded once and kept in registers, several short rows per
+program (``ELEMS_PER_PROGRAM``); a longer row gets a program that loops over it twice (sum,
+then output). ``dim`` is moved last (a view when the
 layout allows, else a copy). All arithmetic is float32; the output has ``x``'s dtype.
 """
 from __future__ import annotations
@@ -26,6 +27,9 @@ from .. import triton as _backend
 
 MAX_BLOCK = 8192        # longest row kept in registers on a GPU
 MAX_BLOCK_INTERPRET = 128  # small under the interpreter, so tests reach the looped path cheaply
+# short rows: several per program (elements per program), so tiny programs do not bound bandwidth
+ELEMS_PER_PROGRAM = 4096
+ELEMS_PER_PROGRAM_INTERPRET = 256
 
 
 @triton.jit
@@ -52,27 +56,30 @@ def _row_out(keep, g, s, x, total, inv_t, RELEVANCE: tl.constexpr):
 
 @triton.jit
 def _softmax_dt_bwd_kernel(
-    G, X, S, OUT, L,
+    G, X, S, OUT, L, n_rows,
     stride_gr, stride_gc, stride_xr, stride_xc, stride_sr, stride_sc, stride_or, stride_oc,
     inv_t, xmin,
-    RELEVANCE: tl.constexpr, BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
+    RELEVANCE: tl.constexpr, BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr, ROWS: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    g_row = G + row * stride_gr
-    x_row = X + row * stride_xr
-    s_row = S + row * stride_sr
-    o_row = OUT + row * stride_or
     offs = tl.arange(0, BLOCK)
-    if SINGLE_BLOCK:
-        inb = offs < L
-        x = tl.load(x_row + offs * stride_xc, mask=inb, other=float("-inf")).to(tl.float32)
-        g = tl.load(g_row + offs * stride_gc, mask=inb, other=0.0).to(tl.float32)
-        s = tl.load(s_row + offs * stride_sc, mask=inb, other=0.0).to(tl.float32)
-        keep, g, s, term = _row_terms(g, s, x, xmin, RELEVANCE)
-        total = tl.sum(term, axis=0)
+    if SINGLE_BLOCK:  # ROWS short rows per program, each loaded once
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        inb = (rows < n_rows)[:, None] & (offs < L)[None, :]
+        cols = offs[None, :]
+        x = tl.load(X + rows[:, None] * stride_xr + cols * stride_xc, mask=inb, other=float("-inf"))
+        g = tl.load(G + rows[:, None] * stride_gr + cols * stride_gc, mask=inb, other=0.0)
+        s = tl.load(S + rows[:, None] * stride_sr + cols * stride_sc, mask=inb, other=0.0)
+        x = x.to(tl.float32)
+        keep, g, s, term = _row_terms(g.to(tl.float32), s.to(tl.float32), x, xmin, RELEVANCE)
+        total = tl.sum(term, axis=1)[:, None]
         out = _row_out(keep, g, s, x, total, inv_t, RELEVANCE)
-        tl.store(o_row + offs * stride_oc, out.to(OUT.dtype.element_ty), mask=inb)
-    else:
+        tl.store(OUT + rows[:, None] * stride_or + cols * stride_oc, out.to(OUT.dtype.element_ty), mask=inb)
+    else:  # one long row per program: a pass for the sum, a pass for the output
+        row = tl.program_id(0).to(tl.int64)
+        g_row = G + row * stride_gr
+        x_row = X + row * stride_xr
+        s_row = S + row * stride_sr
+        o_row = OUT + row * stride_or
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
         for c0 in range(0, L, BLOCK):
             cols = c0 + offs
@@ -120,16 +127,20 @@ def softmax_dt_backward_triton(
         limit = MAX_BLOCK_INTERPRET if _backend.interpreting() else MAX_BLOCK
         single = length <= limit
         block = triton.next_power_of_2(length) if single else limit
-        warps = 16 if block >= 8192 else 8 if block >= 2048 else 4
+        per_program = ELEMS_PER_PROGRAM_INTERPRET if _backend.interpreting() else ELEMS_PER_PROGRAM
+        rows = max(1, min(64, per_program // block)) if single else 1
+        elems = rows * block
+        warps = 16 if elems >= 8192 else 8 if elems >= 2048 else 4
         xmin = float(torch.finfo(x.dtype).min)
-        args = (g2, x2, s2, out2, length, *g2.stride(), *x2.stride(), *s2.stride(), *out2.stride(),
-                1.0 / float(temperature), xmin)
-        kwargs = {"RELEVANCE": bool(relevance), "BLOCK": block, "SINGLE_BLOCK": single}
+        args = (g2, x2, s2, out2, length, n_rows, *g2.stride(), *x2.stride(), *s2.stride(),
+                *out2.stride(), 1.0 / float(temperature), xmin)
+        kwargs = {"RELEVANCE": bool(relevance), "BLOCK": block, "SINGLE_BLOCK": single, "ROWS": rows}
+        grid = (triton.cdiv(n_rows, rows),)
         if _backend.interpreting():
-            _softmax_dt_bwd_kernel[(n_rows,)](*args, **kwargs)
+            _softmax_dt_bwd_kernel[grid](*args, **kwargs)
         else:
             with torch.cuda.device(x.device):
-                _softmax_dt_bwd_kernel[(n_rows,)](*args, **kwargs, num_warps=warps)
+                _softmax_dt_bwd_kernel[grid](*args, **kwargs, num_warps=warps)
     return out2.reshape(moved_shape).movedim(-1, dim)
 
 
