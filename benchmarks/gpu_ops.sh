@@ -28,8 +28,8 @@ step() {  # step NAME TIMEOUT_S CMD...: run, log to $LOGS/NAME.log, remember fai
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" \
   | tee "$LOGS/env.log"
 step gpu_tests 170 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_ops.py tests/test_compare.py
-step compare_fp32 60 env LRP_KERNELS_TRITON_AUTOTUNE=0 "$PY" -m lrp_kernels.compare --device cuda --sizes 257,515,129 --dtype float32
-step compare_bf16 60 env LRP_KERNELS_TRITON_AUTOTUNE=0 "$PY" -m lrp_kernels.compare --device cuda --sizes 257,515,129 --dtype bfloat16
+step compare_fp32 60 env LRP_KERNELS_TRITON_AUTOTUNE=0 "$PY" -m lrp_kernels.compare --device cuda --sizes 257,515,129 --dtype float32 --backends torch,triton
+step compare_bf16 60 env LRP_KERNELS_TRITON_AUTOTUNE=0 "$PY" -m lrp_kernels.compare --device cuda --sizes 257,515,129 --dtype bfloat16 --backends torch,triton
 step bench_quick 150 "$PY" benchmarks/bench_ops.py --quick
 grep '^{' "$LOGS/bench_quick.log" > "$LOGS/bench_quick.jsonl" || true
 echo "gpu_ops.sh: overall exit $status; logs in $LOGS"
