@@ -249,9 +249,10 @@ def _mask_block(s: torch.Tensor, spec: _Spec, q0: int, q1: int, lo: int, hi: int
 
 
 def _block_scores(qs, kb, spec: _Spec):
-    """S (scaled, soft-capped, not yet masked) from the scaled queries; tanh(x) / stab(x) for
-    the soft-cap's identity rule (None without soft-cap)."""
-    s = qs @ kb.transpose(-1, -2)
+    """S (scaled, soft-capped, not yet masked) ``[B, Hkv, G, n, span]`` from the scaled queries
+    ``[B, Hkv, G*n, d]`` and keys ``[B, Hkv, span, d]`` (4-D products: no broadcast copies of K);
+    tanh(x) / stab(x) for the soft-cap's identity rule (None without soft-cap)."""
+    s = (qs @ kb.transpose(-1, -2)).view(spec.B, spec.Hkv, spec.G, -1, kb.shape[-2])
     if spec.softcap is None:
         return s, None
     x = s / spec.softcap
@@ -262,7 +263,7 @@ def _block_scores(qs, kb, spec: _Spec):
 def attnlrp_forward_torch(q, k, v, spec: _Spec, block_size: Optional[int]):
     """``(O, lse)``: O in q's dtype [B, Hq, N, dv], lse [B, Hq, N] (+inf on fully masked rows)."""
     bq = _block_rows(spec, block_size)
-    kf, vf = k.to(spec.cd)[:, :, None], v.to(spec.cd)[:, :, None]
+    kf, vf = k.to(spec.cd), v.to(spec.cd)
     o = torch.zeros(spec.B, spec.Hq, spec.N, spec.dv, dtype=q.dtype, device=q.device)
     lse = torch.full((spec.B, spec.Hq, spec.N), math.inf, dtype=spec.cd, device=q.device)
     og, lg, qg = _grouped(o, spec), lse.view(spec.B, spec.Hkv, spec.G, spec.N), _grouped(q, spec)
@@ -271,7 +272,8 @@ def attnlrp_forward_torch(q, k, v, spec: _Spec, block_size: Optional[int]):
         lo, hi = _key_span(spec, q0, q1)
         if hi <= lo:
             continue  # every row fully masked: O = 0, lse = +inf
-        qs = qg[..., q0:q1, :].to(spec.cd) * spec.scale
+        n = q1 - q0
+        qs = qg[..., q0:q1, :].to(spec.cd).reshape(spec.B, spec.Hkv, spec.G * n, spec.d) * spec.scale
         s, _ = _block_scores(qs, kf[..., lo:hi, :], spec)
         _mask_block(s, spec, q0, q1, lo, hi)
         m = s.amax(-1, keepdim=True)
@@ -280,7 +282,9 @@ def attnlrp_forward_torch(q, k, v, spec: _Spec, block_size: Optional[int]):
         l = p.sum(-1, keepdim=True)
         alive = l > 0
         l_safe = torch.where(alive, l, torch.ones((), dtype=l.dtype, device=l.device))
-        og[..., q0:q1, :] = ((p @ vf[..., lo:hi, :]) / l_safe).to(q.dtype)
+        pv = (p.view(spec.B, spec.Hkv, spec.G * n, hi - lo) @ vf[..., lo:hi, :]).view(
+            spec.B, spec.Hkv, spec.G, n, spec.dv)
+        og[..., q0:q1, :] = (pv / l_safe).to(q.dtype)
         lg[..., q0:q1] = torch.where(alive, m + torch.log(l_safe), math.inf)[..., 0]
     return o, lse
 
@@ -303,7 +307,7 @@ def attnlrp_backward_torch(grad_o, q, k, v, o, lse, spec: _Spec, relevance: bool
     dsum = (h * o.to(spec.cd)).sum(-1, keepdim=True)  # D = rowsum(H * O)
     hg, dg = _grouped(h, spec), _grouped(dsum, spec)
     qg, lg = _grouped(q, spec), lse.view(B, Hkv, G, spec.N, 1)
-    kf, vf = k.to(spec.cd)[:, :, None], v.to(spec.cd)[:, :, None]
+    kf, vf = k.to(spec.cd), v.to(spec.cd)
     gv = torch.zeros(B, Hkv, spec.M, spec.dv, dtype=spec.cd, device=q.device)
     gk = torch.zeros(B, Hkv, spec.M, spec.d, dtype=spec.cd, device=q.device) if attn else None
     gq = torch.zeros(B, spec.Hq, spec.N, spec.d, dtype=spec.cd, device=q.device) if attn else None
@@ -315,11 +319,11 @@ def attnlrp_backward_torch(grad_o, q, k, v, o, lse, spec: _Spec, relevance: bool
         if hi <= lo:
             continue
         n, span = q1 - q0, hi - lo
-        qs = qg[..., q0:q1, :].to(spec.cd) * spec.scale
+        qs = qg[..., q0:q1, :].to(spec.cd).reshape(B, Hkv, G * n, spec.d) * spec.scale
         kb, vb = kf[..., lo:hi, :], vf[..., lo:hi, :]
         s, cap = _block_scores(qs, kb, spec)
         if attn:  # S0 / stab(S0), before masking turns S into -inf
-            r = s.abs() if cap is None else (qs @ kb.transpose(-1, -2)).abs_()
+            r = s.abs() if cap is None else (qs @ kb.transpose(-1, -2)).view(s.shape).abs_()
             r = r.div_(r + eps_s)
         _mask_block(s, spec, q0, q1, lo, hi)
         p = s.sub_(lg[..., q0:q1, :]).exp_()  # P; 0 where masked and on fully masked rows
@@ -328,16 +332,16 @@ def attnlrp_backward_torch(grad_o, q, k, v, o, lse, spec: _Spec, relevance: bool
         gv[:, :, lo:hi] += p.view(B, Hkv, G * n, span).transpose(-1, -2) @ hb
         if not attn:
             continue
-        t = hb.view(B, Hkv, G, n, spec.dv) @ vb.transpose(-1, -2)    # H @ V^T
+        t = (hb @ vb.transpose(-1, -2)).view(s.shape)                  # H @ V^T
         t = t.sub_(dg[..., q0:q1, :]).mul_(p)                          # G_S
         del p, s
         if cap is not None:
             t.mul_(cap)                                                # identity rule on tanh
         t.mul_(r)                                                      # 2 T = G_S S0 / stab(S0)
         del r
-        gqg[..., q0:q1, :] = (t @ kb).mul_(0.5 * spec.scale)
-        gk[:, :, lo:hi] += (t.view(B, Hkv, G * n, span).transpose(-1, -2)
-                            @ qs.reshape(B, Hkv, G * n, spec.d)).mul_(0.5)
+        t2 = t.view(B, Hkv, G * n, span)
+        gqg[..., q0:q1, :] = (t2 @ kb).mul_(0.5 * spec.scale).view(B, Hkv, G, n, spec.d)
+        gk[:, :, lo:hi] += (t2.transpose(-1, -2) @ qs).mul_(0.5)
     if relevance:
         gv = gv * v.to(spec.cd)
         if attn:
