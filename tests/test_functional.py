@@ -25,6 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as tF
 
+import lrp_kernels
 import lrp_kernels.functional as F
 import lrp_kernels.grad as G
 import oracle as O
@@ -33,6 +34,8 @@ EPS = 1e-6
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 LAYOUTS = ["contig", "transposed", "sliced"]
+# the reference backend, and whatever "auto" picks here (cpp where built; never the interpreter)
+BACKENDS = ["torch", "auto"]
 
 
 # ---- helpers -----------------------------------------------------------------------------------
@@ -255,11 +258,13 @@ def run_case(name, dtype, layout, view, seed_extra=""):
 
 # ---- relevance view vs oracle ------------------------------------------------------------------
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", list(CASES))
-def test_relevance_matches_oracle(name, dtype, layout):
-    case, out, grads, start = run_case(name, dtype, layout, "R")
+def test_relevance_matches_oracle(name, dtype, layout, backend):
+    with lrp_kernels.use_backend(backend):
+        case, out, grads, start = run_case(name, dtype, layout, "R")
     want = case.oracle_R(case.inputs, start)
     for i, (g, w) in enumerate(zip(grads, want)):
         if w is None:

@@ -14,16 +14,19 @@ import pytest
 import torch
 import torch.nn.functional as tF
 
+import lrp_kernels
 import lrp_kernels.functional as F
 import lrp_kernels.grad as G
-from test_functional import CASES, DTYPES, LAYOUTS, TOL, gen_for, rand, rel_err, run_case
+from test_functional import BACKENDS, CASES, DTYPES, LAYOUTS, TOL, gen_for, rand, rel_err, run_case
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", list(CASES))
-def test_gradient_view_matches_oracle(name, dtype, layout):
-    case, out, grads, start = run_case(name, dtype, layout, "G")
+def test_gradient_view_matches_oracle(name, dtype, layout, backend):
+    with lrp_kernels.use_backend(backend):
+        case, out, grads, start = run_case(name, dtype, layout, "G")
     want = case.oracle_G(case.inputs, start)
     for i, (g, w) in enumerate(zip(grads, want)):
         if w is None:
