@@ -426,3 +426,19 @@ def test_linear_gamma_torch_op_matches_explicit_formula():
     for n in range(5):
         ref = ref_rule("gamma", x[n], W, torch.ones_like(W), b, grad[n], EPS, gamma=0.7)
         assert torch.allclose(got[n], ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("relevance", [True, False])
+def test_linear_gamma_triton_on_cuda(dtype, tol, relevance):
+    """fp32: IEEE dots, 1e-5 norm-wise; bf16: TF32 dots on fp32-converted operands and a bf16
+    result, 2e-2 norm-wise, against float64 on the same (rounded) inputs."""
+    from lrp_kernels import dispatch
+    from lrp_kernels.ops.linear_gamma import linear_gamma_backward_torch
+    grad, x, W, b = (t.cuda() for t in _gamma_case(13, shape=(3, 67, 200), n_out=130, dtype=dtype))
+    got = dispatch.call("linear_gamma_backward", grad, x, W, b, None, 0.25, 1e-6, relevance, backend="triton")
+    ref = linear_gamma_backward_torch(grad.double(), x.double(), W.double(), b.double(), None, 0.25, 1e-6, relevance)
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    assert ((got.double() - ref).norm() / ref.norm()).item() < tol
