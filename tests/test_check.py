@@ -215,3 +215,24 @@ def test_realistic_epsilon_passes_with_default_tolerance():
     assert len(report.records) == 2 * len(OPS_BACKWARD_ORDER)
     assert report.first_violation() is None, report.table()
     assert "records" in repr(report) or "ConservationReport" in repr(report)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_check_mode_under_gradient_checkpointing(use_reentrant):
+    """Recomputed forwards must not add records, and relevance stays the same."""
+    from torch.utils.checkpoint import checkpoint
+    gen = gen_for("ckpt")
+    p = _weights(gen)
+    x0 = torch.randn(3, 8, generator=gen, dtype=torch.float64)
+    results = []
+    for ckpt in (False, True):
+        x = x0.clone().requires_grad_()
+        with check.conservation(rtol=1e-6) as report:
+            if ckpt:
+                out = checkpoint(conservative_net, F, x, p, use_reentrant=use_reentrant)
+            else:
+                out = conservative_net(F, x, p)
+            out.backward(out.detach())
+        results.append((x.grad, [(r.op, round(r.r_out, 9), round(r.r_in, 9)) for r in report.records]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=0)
+    assert results[0][1] == results[1][1]
