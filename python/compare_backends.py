@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="37,45,29", help="M,N,K of the random op inputs")
     ap.add_argument("--ops", default=None, help="comma-separated kernel ops (default: all)")
+    ap.add_argument("--backends", default=None, help="comma-separated backends (default: all available)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--model", default=SHIPPED_MODEL)
     ap.add_argument("--prompt", default="k7 = 23 ; k3 = 19 ; k12 = 5 ; ? k3 =")
@@ -37,7 +38,8 @@ def main(argv=None) -> int:
 
     sizes = cmp.parse_sizes(args.sizes)
     ops = args.ops.split(",") if args.ops else None
-    rows = cmp.compare(sizes, torch.float32, args.device, ops)
+    backends = args.backends.split(",") if args.backends else None
+    rows = cmp.compare(sizes, torch.float32, args.device, ops, backends)
     print(cmp.format_table(rows))
     failed = [r for r in rows if r["status"] == "MISMATCH"]
 
@@ -48,6 +50,8 @@ def main(argv=None) -> int:
     ref = lrp_kernels.explain(model, tok, args.prompt, backend="torch")
     print(f"\nend to end, target {ref.target.text!r}: relevance vs the torch backend")
     for name, st in status.items():
+        if backends and name not in backends:
+            continue
         if not st["available"] or name == "torch":
             print(f"  {name:<7} skip: {st['reason'] if not st['available'] else 'reference'}")
             continue

@@ -238,7 +238,33 @@ def main(argv=None) -> int:
     }
     with open(os.path.join(args.out, "metadata.json"), "w") as f:
         json.dump(meta, f, indent=2)
+    with open(os.path.join(args.out, "README.md"), "w") as f:
+        f.write(README.format(**meta, pairs=MAX_PAIRS, nk_1=NUM_KEYS - 1, nv_1=NUM_VALUES - 1))
     return 0
+
+
+README = """# recall-llama: a tiny key-value recall Llama (attribution ground truth)
+
+A 2-layer `LlamaForCausalLM` (hidden 128, 4 heads, context 64, ~0.35 M parameters) with a
+word-level tokenizer, trained from scratch by `python/train_recall_model.py` on synthetic
+key-value recall. Ships with `lrp_kernels` so `lrp-kernels explain` works offline.
+
+Prompt format (tokens separated by single spaces; the tokenizer prepends `<bos>`):
+
+    k7 = 23 ; k3 = 19 ; k12 = 5 ; ? k3 =        ->   19
+
+keys `k0`..`k{nk_1}`, values `0`..`{nv_1}`, 1..{pairs} pairs with distinct keys, one query.
+The answer depends on exactly one span, the queried pair `k3 = 19`, so a faithful attribution
+must put its largest context relevance there (tests/test_shipped_model.py,
+benchmarks/bench_attribution_quality.py).
+
+* held-out accuracy: {heldout_accuracy} ({heldout_examples} prompts with 1..{pairs} pairs),
+  {heldout_accuracy_max_pairs} with {pairs} pairs
+* training: {steps} steps, batch {batch_size}, lr {lr}, seed {seed}, {train_seconds} s, torch {torch}
+* reproduce (CPU, one thread, deterministic): `{command}`
+
+Load: `AutoTokenizer.from_pretrained(path)`, `AutoModelForCausalLM.from_pretrained(path)`.
+"""
 
 
 if __name__ == "__main__":

@@ -210,3 +210,30 @@ def test_outputs(model, tok, tmp_path):
         exp.save(str(tmp_path / "e.txt"))
     top = exp.top(2, absolute=True)
     assert abs(top[0][2]) >= abs(top[1][2]) and isinstance(exp, Explanation)
+
+
+def test_display_tokens_byte_level_bpe():
+    """Byte-level BPE (Ġ / Ċ pieces): display tokens keep spaces, newlines and non-ASCII."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    corpus = ["def f(x):\n    return x * 2\n", "Grüße aus Köln, 42 €", "the cat sat on the mat"] * 5
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", padding_side="left")
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=2, max_position_embeddings=128)).eval()
+    text = "def g(y):\n    return  y * 3 €\n"
+    exp = explain(model, tok, text, rules="gradient")
+    assert "".join(exp.tokens) == text
+    raw = tok.convert_ids_to_tokens(tok(text)["input_ids"])
+    assert any("\u0120" in t or "\u010a" in t for t in raw)  # really byte-level pieces
+    gen = explain(model, tok, text, generate=2, rules="gradient")
+    assert gen[1].tokens[:len(exp.tokens)] == exp.tokens
