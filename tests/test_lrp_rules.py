@@ -403,7 +403,8 @@ def test_linear_gamma_triton_matches_torch_and_float64(relevance, bias, with_z):
     from lrp_kernels.ops.linear_gamma import linear_gamma_backward_torch
     if not dispatch.backend_status("triton")[0]:
         pytest.skip("triton backend unavailable")
-    grad, x, W, b = _gamma_case(11, bias=bias)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the Triton interpreter
+    grad, x, W, b = (None if t is None else t.to(dev) for t in _gamma_case(11, bias=bias))
     x = x.transpose(0, 1).contiguous().transpose(0, 1)  # same values, non-contiguous
     z = torch.nn.functional.linear(x, W, None if b is None else b * 0.5) if with_z else None
     args = (0.3, 1e-6, relevance)
@@ -414,8 +415,8 @@ def test_linear_gamma_triton_matches_torch_and_float64(relevance, bias, with_z):
                                         None if b is None else b.double(), None if z is None else z.double(), *args)
     ref32 = linear_gamma_backward_torch(grad, x, W, b, z, *args)
     assert got.dtype == x.dtype and got.shape == x.shape and torch.isfinite(got).all()
-    assert (got.double() - ref64).norm() / ref64.norm() < 1e-5
-    assert (ref32.double() - ref64).norm() / ref64.norm() < 1e-5
+    assert ((got.double() - ref64).norm() / ref64.norm()).item() < 1e-5
+    assert ((ref32.double() - ref64).norm() / ref64.norm()).item() < 1e-5
 
 
 def test_linear_gamma_torch_op_matches_explicit_formula():
