@@ -9,7 +9,7 @@ between the cells of a grid. Needs numpy and Pillow (Pillow comes with matplotli
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -21,9 +21,6 @@ _ANCHORS = np.array([[0.0, 0.0, 0.0, 1.0],
                      [0.5, 1.0, 1.0, 1.0],
                      [0.75, 1.0, 0.45, 0.35],
                      [1.0, 1.0, 0.0, 0.0]])
-
-
-ArrayLike = Union[np.ndarray, "torch.Tensor", Sequence]  # noqa: F821
 
 
 def _to_numpy(x) -> np.ndarray:

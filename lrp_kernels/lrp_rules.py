@@ -27,13 +27,13 @@ All rules but Flat, WSquare and ZBox also have a gradient view (``relevance=Fals
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 from torch import nn
 
 from . import dispatch
-from .hooks import BasicHook, Hook, ParamMod, _as_stabilizer, zero_grad_reducer
+from .hooks import BasicHook, Hook, ParamMod, zero_grad_reducer
 from .ops import linear_gamma as _linear_gamma  # noqa: F401  (registers linear_gamma_backward)
 from .ops._common import DEFAULT_EPSILON
 
