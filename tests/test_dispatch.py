@@ -249,3 +249,20 @@ def test_registry_clean_after_fake_backends():
     assert real is None or "fake" not in getattr(real.fn, "__name__", "")
     ok, why = dispatch.backend_status("cpp")
     assert "fake backend for tests" not in why
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_use_backend_reaches_cuda_backward_worker_threads(monkeypatch):
+    """On CUDA, autograd runs backward on its own threads, which do not see the thread-local
+    use_backend stack; the forward-time pin must carry the choice there."""
+    calls = []
+    impl = dispatch._REGISTRY["linear_epsilon_backward"]["torch"]
+    spy = dispatch._Impl(lambda *a, **k: calls.append(1) or impl.fn(*a, **k), None)
+    monkeypatch.setitem(dispatch._REGISTRY["linear_epsilon_backward"], "torch", spy)
+    x = torch.randn(4, 8, device="cuda", requires_grad=True)
+    w = torch.randn(3, 8, device="cuda")
+    with lrp_kernels.use_backend("torch"):
+        y = F.linear_epsilon(x, w)
+        y.backward(torch.ones_like(y))
+    assert calls == [1]

@@ -34,6 +34,9 @@ EPS = 1e-6
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 LAYOUTS = ["contig", "transposed", "sliced"]
+# where the case table puts its tensors (values are always drawn on the CPU, so a CUDA run of a
+# case sees the same numbers as the CPU run; see tests/test_grad_view.py's GPU tests)
+DEVICE = ["cpu"]
 # the reference backend, and whatever "auto" picks here (cpp where built; never the interpreter)
 BACKENDS = ["torch", "auto"]
 
@@ -45,12 +48,16 @@ def gen_for(*key) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
 
 
+def cast(t, dtype):
+    return t.to(dtype=dtype, device=DEVICE[0])
+
+
 def rand(gen, shape, dtype, layout="contig", grad=True, scale=1.0) -> torch.Tensor:
     """Random tensor with the requested memory layout (values drawn in fp32, then cast)."""
     shape = tuple(shape)
 
     def draw(*s):
-        return (torch.randn(*s, generator=gen) * scale).to(dtype)
+        return (torch.randn(*s, generator=gen) * scale).to(dtype=dtype, device=DEVICE[0])
     if layout == "transposed" and len(shape) >= 2 and shape[-1] > 1 and shape[-2] > 1:
         t = draw(*shape[:-2], shape[-1], shape[-2]).transpose(-1, -2)
     elif layout in ("transposed", "sliced") and len(shape) >= 1 and shape[-1] > 1:
@@ -95,7 +102,7 @@ def _linear(bias, x_shape=(2, 3, 13), n=7):
         x = rand(gen, x_shape, dtype, layout)
         w = rand(gen, (n, x_shape[-1]), dtype, layout, grad=False, scale=0.3)
         b = rand(gen, (n,), dtype, grad=False) if bias == "rand" else \
-            (torch.zeros(n, dtype=dtype) if bias == "zero" else None)
+            (torch.zeros(n, dtype=dtype, device=DEVICE[0]) if bias == "zero" else None)
         return Case([x], lambda V, x: V.linear_epsilon(x, w, b, eps), lambda x: tF.linear(x, w.to(x.dtype), _to(b, x)),
                     lambda i, R: [O.linear_epsilon_R(i[0], w, b, R, eps)],
                     lambda i, G_: [O.linear_epsilon_G(i[0], w, b, G_, eps)],
@@ -150,7 +157,7 @@ def _softmax(shape, dim, temperature=1.0, out_dtype=None):
 def _rms(with_weight):
     def build(gen, dtype, layout, eps=EPS):
         x = rand(gen, (2, 3, 13), dtype, layout)
-        w = (torch.rand(13, generator=gen) + 0.5).to(dtype) if with_weight else None
+        w = cast(torch.rand(13, generator=gen) + 0.5, dtype) if with_weight else None
         return Case([x], lambda V, x: V.rms_norm_identity(x, w, 1e-6),
                     lambda x: tF.rms_norm(x, (13,), _to(w, x), 1e-6),
                     lambda i, R: [O.d(R)], lambda i, G_: [O.rms_norm_G(i[0], w, G_, 1e-6)])
@@ -160,8 +167,8 @@ def _rms(with_weight):
 def _layer_norm(with_weight, with_bias):
     def build(gen, dtype, layout, eps=EPS):
         x = rand(gen, (2, 3, 13), dtype, layout)
-        w = (torch.rand(13, generator=gen) + 0.5).to(dtype) if with_weight else None
-        b = torch.randn(13, generator=gen).to(dtype) if with_bias else None
+        w = cast(torch.rand(13, generator=gen) + 0.5, dtype) if with_weight else None
+        b = cast(torch.randn(13, generator=gen), dtype) if with_bias else None
         return Case([x], lambda V, x: V.layer_norm(x, w, b, 1e-5, eps),
                     lambda x: tF.layer_norm(x, (13,), _to(w, x), _to(b, x), 1e-5),
                     lambda i, R: [O.layer_norm_R(i[0], w, b, R, 1e-5, eps)],
@@ -244,7 +251,7 @@ def run_case(name, dtype, layout, view, seed_extra=""):
     gen = gen_for(name, str(dtype), layout, view, seed_extra)
     case = CASES[name](gen, dtype, layout)
     out = case.run(F if view == "R" else G, *case.inputs)
-    g = torch.randn(out.shape, generator=gen).to(out.dtype)
+    g = torch.randn(out.shape, generator=gen).to(dtype=out.dtype, device=out.device)
     if view == "R" and dtype != torch.float64:
         start = torch.nan_to_num(out.detach() * g)  # relevance proportional to the activation
     else:

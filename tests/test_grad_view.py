@@ -167,3 +167,65 @@ def test_network_views_differ_when_a_rule_is_missing():
         grads[name] = xg.detach() * xg.grad
     assert rel_err(xr.grad, grads["rule"]) <= 1e-8
     assert rel_err(xr.grad, grads["plain"]) > 0.1
+
+
+# ---- CUDA (run by the GPU job: pytest -m gpu) --------------------------------------------------------
+# Each case is drawn with the same seed on the CPU and moved to the GPU, so the CUDA result (auto
+# backend: triton where it has a kernel) is compared to the CPU torch backend on the same numbers;
+# the CPU backend is itself checked against the float64 oracle above. Tolerances: fp32 2e-3
+# (Triton dots may use TF32), bf16 3e-2 (two bf16 evaluations, each within 2e-2 of the oracle).
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+GPU_TOL = {torch.float32: 2e-3, torch.bfloat16: 3e-2}
+
+
+@pytest.fixture
+def on_cuda():
+    import test_functional
+    test_functional.DEVICE[0] = "cuda"
+    yield
+    test_functional.DEVICE[0] = "cpu"
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("view", ["R", "G"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(CASES))
+def test_cuda_matches_cpu_reference(name, dtype, view, request):
+    with lrp_kernels.use_backend("torch"):
+        _, out_c, grads_c, _ = run_case(name, dtype, "sliced", view)
+    request.getfixturevalue("on_cuda")
+    _, out_g, grads_g, _ = run_case(name, dtype, "sliced", view)
+    assert out_g.is_cuda
+    torch.testing.assert_close(out_g.cpu(), out_c, rtol=GPU_TOL[dtype], atol=1e-3, equal_nan=True)
+    for gc, gg in zip(grads_c, grads_g):
+        if gc is None:
+            assert gg is None
+            continue
+        assert gg.is_cuda and gg.dtype == gc.dtype
+        err = rel_err(gg.cpu(), gc)
+        assert err <= GPU_TOL[dtype], f"{name} {dtype} {view}: CUDA vs CPU rel err {err:.3g}"
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("view", ["R", "G"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("net", [mlp_block, attention_block], ids=lambda f: f.__name__)
+def test_cuda_networks_match_float64_reference(net, dtype, view):
+    gen = gen_for("cuda-net", net.__name__, str(dtype))
+    p = _params(gen, dtype)
+    x = torch.randn(2, 5, 12, generator=gen).to(dtype)
+    p64 = {k: v.double() for k, v in p.items()}
+    x64 = x.double().requires_grad_()
+    ref = net(F, x64, p64)
+    ref.backward(ref.detach())
+    pc = {k: v.cuda() for k, v in p.items()}
+    xc = x.cuda().requires_grad_()
+    out = net(F if view == "R" else G, xc, pc)
+    out.backward(out.detach() if view == "R" else torch.ones_like(out))
+    rel = xc.grad if view == "R" else xc.detach() * xc.grad
+    err = rel_err(rel.cpu(), x64.grad)
+    tol = 1e-2 if dtype == torch.float32 else 5e-2  # whole network; fp32: TF32 dots allowed
+    assert err <= tol, f"{net.__name__} {dtype} {view}: rel err {err:.3g}"
