@@ -236,3 +236,23 @@ def test_quantised_linear_uses_module_backward_with_epsilon():
     with lrp_kernels.patch(model, epsilon=1e-3):
         dense = _input_relevance(model, emb)
     torch.testing.assert_close(quant, dense, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_patch_matches_cpu_float64(dtype):
+    """On CUDA the patch runs the Triton kernels (flash AttnLRP, fused linear); relevance must
+    match the float64 CPU torch path: fp32 (TF32 dots) within 2e-2, bf16 within 8e-2 (norm-wise)."""
+    model = _llama(torch.float64)
+    ids = torch.randint(1, 100, (2, 300), generator=torch.Generator().manual_seed(0))
+    emb = _embeds(model, ids)
+    with lrp_kernels.patch(model):
+        ref = _input_relevance(model, emb).sum(-1)
+    model = model.to(device="cuda", dtype=dtype)
+    with lrp_kernels.patch(model):
+        got = _input_relevance(model, emb.to(device="cuda", dtype=dtype))
+    assert torch.isfinite(got).all()
+    got = got.double().sum(-1).cpu()
+    err = ((got - ref).norm() / ref.norm()).item()
+    assert err < (2e-2 if dtype == torch.float32 else 8e-2), f"relative error {err:.3e}"
