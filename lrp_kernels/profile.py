@@ -11,7 +11,7 @@ position's logits are computed: ``logits_to_keep=1``):
 
 Peak memory: CUDA ``max_memory_allocated`` above what was allocated before the phase (the
 weights), or on CPU the peak resident set size above the start of the phase, sampled every
-2 ms by a thread. Optional gradient checkpointing (``model.gradient_checkpointing_enable``).
+2 ms by a thread, after returning freed heap pages to the OS (glibc ``malloc_trim``). Optional gradient checkpointing (``model.gradient_checkpointing_enable``).
 
 Library use::
 
@@ -114,9 +114,21 @@ def _peak_memory(device: torch.device) -> Iterator[dict]:
         torch.cuda.synchronize(device)
         out["peak_bytes"] = torch.cuda.max_memory_allocated(device) - base
     else:
+        _release_freed_memory()
         with _RssPeak() as rss:
             yield out
         out["peak_bytes"] = rss.extra
+
+
+def _release_freed_memory() -> None:
+    """Give freed heap pages back to the OS (glibc), so the RSS baseline of a phase is honest
+    and the peak is not hidden by memory an earlier phase freed but the allocator kept."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: RSS peaks are then only approximate
+        pass
 
 
 def _sync(device: torch.device) -> None:
