@@ -69,3 +69,31 @@ def test_forward_unchanged_and_remove_restores(family):
     assert model.config is config and model.config._attn_implementation == impl
     assert [p.requires_grad for p in model.parameters()] == flags
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "t5"])
+def test_long_sequence_uses_chunked_attention_and_matches_reference(family):
+    """150 tokens: the attention takes the memory-lean chunked path (not the eager one used for
+    tiny inputs); with padding, sliding windows, soft-caps and T5's position bias."""
+    model, kind = build(family)
+    inputs = make_inputs(model, kind, n=150)
+    ref_rel, _ = relevance(reference_model(model), kind, inputs)
+    for backend in ("auto", "torch"):
+        with lrp_kernels.patch(model, epsilon=EPS, backend=backend):
+            rel, _ = relevance(model, kind, inputs)
+        for key in ref_rel:
+            r, e = rel[key], ref_rel[key]
+            assert torch.isfinite(r).all()
+            err = ((r - e).norm() / e.norm()).item()
+            assert err < 1e-6, f"{family}/{backend}/{key}: relative error {err:.2e}"
+
+
+def test_chunked_attention_is_used(monkeypatch):
+    from lrp_kernels import attention
+    calls = []
+    original = attention.AttnLRPFn.apply
+    monkeypatch.setattr(attention.AttnLRPFn, "apply", lambda *a: calls.append(1) or original(*a))
+    model, kind = build("llama")
+    with lrp_kernels.patch(model):
+        relevance(model, kind, make_inputs(model, kind, n=150))
+    assert calls, "the fused (chunked) attention path was not taken for 150 tokens"
