@@ -1,4 +1,5 @@
-"""Shared pieces of every rule: the stabiliser and input checks."""
+"""Shared pieces of every rule: the stabiliser, input checks, the forward-time backend pin and
+the (near-free when inactive) hooks of the conservation check mode (:mod:`lrp_kernels.check`)."""
 from __future__ import annotations
 
 from typing import Optional
