@@ -65,7 +65,19 @@ class Entry:
 
 
 class Composite:
-    """Maps module types and functions to LRP rules; see the module docstring."""
+    """Maps module types and functions to LRP rules; see the module docstring.
+
+    Args:
+        layer_map: ``{module type or function: rule class, drop-in, or factory}``.
+        freeze: set ``requires_grad=False`` on every parameter while registered (restored by
+            :meth:`remove`), so the backward computes only the input relevance.
+        strict: traced path only: an operation with no rule on the relevance path is an error
+            (``True``) or a warning (``False``).
+        verbose: print a progress bar and the table of what was done (also per :meth:`register`).
+
+    After :meth:`register`: ``entries`` lists each module looked at (wrapped / replaced / shared
+    / left alone), ``operations`` each traced operation with its status, :meth:`table` both.
+    """
 
     def __init__(self, layer_map: Mapping[Any, Any], *, freeze: bool = True, strict: bool = True,
                  verbose: bool = False) -> None:

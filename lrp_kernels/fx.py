@@ -67,7 +67,7 @@ PASS_NAMES = {
     "bfloat16", "type", "type_as", "repeat", "repeat_interleave", "tile", "narrow", "select", "movedim",
     "moveaxis", "swapaxes", "swapdims", "flip", "roll", "masked_fill", "detach", "dropout", "getattr",
     "index_select", "gather", "tril", "triu", "pad", "broadcast_to", "_assert", "_assert_is_none",
-    "eq", "ne", "lt", "le", "gt", "ge",
+    "eq", "ne", "lt", "le", "gt", "ge", "where",
 }
 PASS_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity, nn.Flatten, nn.Unflatten)
 
