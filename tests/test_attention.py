@@ -182,6 +182,20 @@ def test_non_contiguous_inputs(impl):
     check(got, want, 2e-5)
 
 
+@pytest.mark.skipif(not triton_ok(), reason="triton unavailable")
+def test_flash_low_precision_code_path(monkeypatch):
+    """The bf16 branch of the kernels (operands cast for the dots) runs and stays exact when the
+    cast is a no-op (fp32 tensors): the interpreter cannot check bf16 arithmetic itself."""
+    from lrp_kernels.triton import flash_attnlrp
+
+    monkeypatch.setattr(flash_attnlrp, "_lowp", lambda q: True)
+    gen = torch.Generator().manual_seed(13)
+    q, k, v, mask, kw, allowed, bias = build_case("gqa_causal_pad", gen)
+    g = rand(*q.shape[:3], v.shape[-1], gen=gen)
+    want = oracle.attention_G(q, k, v, g, q.shape[-1] ** -0.5, EPS, allowed=allowed)
+    check(run("flash", q, k, v, mask, kw, g), want, 2e-5)
+
+
 def test_chunked_float64_is_exact():
     gen = torch.Generator().manual_seed(5)
     q, k, v, mask, kw, allowed, bias = build_case("gqa_causal_pad", gen, dtype=torch.float64)

@@ -328,8 +328,14 @@ def _mask_args(spec, like: torch.Tensor):
     return m, 2, strides, float(torch.finfo(m.dtype).min)
 
 
+def _lowp(q: torch.Tensor) -> bool:
+    """bf16 dots (operands rounded to bf16, fp32 accumulation); the interpreter's bf16 dots are
+    wrong, so it runs bf16 inputs through fp32 dots instead."""
+    return q.dtype == torch.bfloat16 and not _backend.interpreting()
+
+
 def _common(q, spec):
-    lowp = q.dtype == torch.bfloat16 and not _backend.interpreting()
+    lowp = _lowp(q)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     bd, bdv = max(16, triton.next_power_of_2(spec.d)), max(16, triton.next_power_of_2(spec.dv))
     flags = dict(CAUSAL=spec.causal, HAS_WINDOW=spec.window is not None,
