@@ -5,7 +5,7 @@
 #   2. flash-AttnLRP vs SDPA forward+backward timing (32/8 heads, d 128, bf16, causal),
 #   3. the Llama-3-8B-shape explanation profile at 8k and 32k tokens, gradient checkpointing.
 # Logs go to "$OUT" when set (else ./gpu_attention_logs). Usage: bash benchmarks/gpu_attention.sh
-set -u
+set -u -o pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 LOG="${OUT:-./gpu_attention_logs}"
