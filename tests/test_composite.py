@@ -1,7 +1,6 @@
 """Composite, module path: a transformer-like model with rules (or drop-in modules) attached on
 the fly equals the same model written with the explicit drop-ins (lrp_kernels.functional);
 remove() restores everything exactly; the conservation check sees every rule."""
-import copy
 import functools
 
 import pytest
@@ -161,7 +160,8 @@ def test_remove_restores_objects_outputs_and_flags_exactly():
     lrp = Composite(RULES)
     with lrp:
         lrp.register(model)
-        assert isinstance(model.blocks[0].q, rules.EpsilonRule) and model.blocks[0].q.module is before_mods["blocks.0.q"]
+        assert isinstance(model.blocks[0].q, rules.EpsilonRule)
+        assert model.blocks[0].q.module is before_mods["blocks.0.q"]
         assert model.blocks[0].gate is model.blocks[1].gate  # still one (wrapped) module
         assert not any(p.requires_grad for p in model.parameters())  # frozen
         with torch.no_grad():
