@@ -178,6 +178,30 @@ class _OutputGate(torch.autograd.Function):
         return (None,) + tuple(grads)
 
 
+class _RuleGate(torch.autograd.Function):
+    """Route of hooks with ``needs_grad_input = False``: the module ran on *detached* inputs, so
+    its own input gradient is never computed; this Function joins the module's outputs (copied,
+    gradients passed through to them for the parameters) and the original inputs, and its
+    backward returns the rule's input gradient directly."""
+
+    @staticmethod
+    def forward(ctx, call, n_out, *tensors):
+        ctx.call, ctx.n_out = call, n_out
+        ctx.in_meta = [(t.shape, t.dtype, t.device) for t in tensors[n_out:]]
+        return tuple(t.clone() for t in tensors[:n_out])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        call = ctx.call
+        if not call.active:
+            raise RuntimeError(
+                f"the {type(call.hook).__name__} rule of {type(call.module).__name__} was removed before the "
+                f"backward pass of a graph built while it was registered; run backward before remove()")
+        call.stored["grad_output"] = grads
+        placeholders = tuple(torch.zeros((), dtype=dt, device=dev).expand(shape) for shape, dt, dev in ctx.in_meta)
+        return (None, None) + tuple(grads) + call.hook._backward_for_call(call, placeholders)
+
+
 def _float_grad(t: Any) -> bool:
     return isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad
 
@@ -222,7 +246,14 @@ class Hook:
 
     :meth:`copy` makes a fresh hook with the same constructor arguments (recorded when the
     instance is created), so subclasses with their own ``__init__`` need no ``copy()``.
+
+    ``needs_grad_input = False`` (set by :class:`BasicHook` and ``Pass``) declares that
+    ``backward`` does not read the values of ``grad_input`` (only which entries are ``None``):
+    the module then runs on detached inputs and its own input gradient is never computed
+    (``grad_input`` holds zero placeholders), which halves the backward work of a rule.
     """
+
+    needs_grad_input = True
 
     def __new__(cls, *args, **kwargs):
         obj = super().__new__(cls)
@@ -287,8 +318,12 @@ class Hook:
             positions = tuple(i for i, a in enumerate(args) if _float_grad(a))
             if positions:
                 clone = bool(getattr(module, "inplace", False))
-                gated = _InputGate.apply(call, clone, *(args[i] for i in positions))
                 call.positions = positions
+                if self.needs_grad_input:
+                    gated = _InputGate.apply(call, clone, *(args[i] for i in positions))
+                else:
+                    call.stored["_originals"] = tuple(args[i] for i in positions)
+                    gated = tuple(args[i].detach().clone() if clone else args[i].detach() for i in positions)
                 new_args = list(args)
                 for i, t in zip(positions, gated):
                     new_args[i] = t
@@ -308,8 +343,11 @@ class Hook:
         replaced = self.forward(module, orig_args, output)
         if replaced is not None:
             output = replaced
+        originals = call.stored.pop("_originals", None)
         if not torch.is_grad_enabled():
             return output
+        if originals is not None:
+            return _join(call, output, originals)
         if isinstance(output, torch.Tensor):
             return _OutputGate.apply(call, output)[0] if _float_grad(output) else output
         if isinstance(output, (tuple, list)):
@@ -349,6 +387,28 @@ class Hook:
                     f"for input {i} of {type(call.module).__name__}, expected {tuple(g.shape)}")
             out.append(r.to(g.dtype))
         return tuple(out)
+
+
+def _join(call: _Call, output: Any, originals: Tuple[torch.Tensor, ...]) -> Any:
+    """Connect the floating-point tensor output(s) to the original inputs through _RuleGate."""
+    def is_float(o):
+        return isinstance(o, torch.Tensor) and o.is_floating_point()
+    if isinstance(output, torch.Tensor):
+        idx, items = ([0], [output]) if is_float(output) else ([], [output])
+    elif isinstance(output, (tuple, list)):
+        items = list(output)
+        idx = [i for i, o in enumerate(items) if is_float(o)]
+    else:
+        idx, items = [], []
+    if not idx:
+        raise RuntimeError(f"{type(call.hook).__name__} on {type(call.module).__name__}: the module returned no "
+                           f"floating-point tensor, so relevance cannot flow back to its inputs")
+    gated = _RuleGate.apply(call, len(idx), *(items[i] for i in idx), *originals)
+    for i, t in zip(idx, gated):
+        items[i] = t
+    if isinstance(output, torch.Tensor):
+        return items[0]
+    return items if isinstance(output, list) else _rebuild_tuple(output, items)
 
 
 def _rebuild_tuple(original: tuple, items: list) -> tuple:
@@ -476,6 +536,7 @@ class BasicHook(Hook):
 
     #: False for rules whose input modifiers drop x (no gradient view)
     supports_gradient_view = True
+    needs_grad_input = False
 
     def __init__(self, input_modifiers: Optional[Sequence[Callable]] = None,
                  param_modifiers: Optional[Sequence[Union[Callable, ParamMod]]] = None,

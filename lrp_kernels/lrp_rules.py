@@ -289,5 +289,7 @@ class Pass(Hook):
     """Pass the output relevance (or gradient) on unchanged: for element-wise layers whose
     input and output have the same shape (activations)."""
 
+    needs_grad_input = False
+
     def backward(self, module, grad_input, grad_output):
         return tuple(grad_output[0] if g is not None else None for g in grad_input)

@@ -411,14 +411,55 @@ def test_composite_bad_layer_map_is_an_error():
         LayerMapComposite([(nn.Linear, lambda: None)])
 
 
-def test_graph_built_before_remove_passes_plain_gradient():
+def test_graph_built_before_remove():
+    """A graph built while a rule was registered, run after remove(): plain hooks pass the
+    plain gradient; rules that never computed the module's own gradient say so clearly."""
     lin = nn.Linear(3, 3)
     x = torch.randn(2, 3, requires_grad=True)
-    handle = R.Gamma(1.0).register(lin)
+    handle = GradTimesInput().register(lin)
     y = lin(x)
     handle.remove()
     y.backward(torch.ones_like(y))
     assert torch.allclose(x.grad, torch.ones_like(y) @ lin.weight.detach())
+    handle = R.Gamma(1.0).register(lin)
+    y = lin(x)
+    handle.remove()
+    with pytest.raises(RuntimeError, match="removed before the backward"):
+        y.backward(torch.ones_like(y))
+
+
+def test_rules_skip_the_module_backward_but_keep_parameter_gradients():
+    """BasicHook rules run the module on detached inputs (its own input gradient is never
+    computed); parameters still get their ordinary gradient from the output."""
+    calls = []
+
+    class Spy(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            calls.append(1)
+            return g
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.lin(Spy.apply(x))
+
+    m = M()
+    x = torch.randn(4, 3, requires_grad=True)
+    h = R.Epsilon().register(m)
+    y = m(x)
+    y.backward(y.detach())
+    h.remove()
+    assert calls == [1] and x.grad is not None  # once: the rule's own VJP, not the module's backward
+    y2 = m.lin(x)
+    assert torch.allclose(m.lin.weight.grad, y2.detach().T @ x.detach())
 
 
 def test_no_grad_forward_does_not_gate():
