@@ -46,6 +46,10 @@ def build(name: str):
     if name == "mixtral":
         return _build(tr.MixtralConfig, tr.MixtralForCausalLM, num_local_experts=4, num_experts_per_tok=2,
                       experts_implementation="eager", **DECODER), "causal"
+    if name == "qwen3_moe":
+        return _build(tr.Qwen3MoeConfig, tr.Qwen3MoeForCausalLM, head_dim=8, num_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=24, norm_topk_prob=True, mlp_only_layers=[1],
+                      experts_implementation="eager", **DECODER), "causal"
     if name == "gemma2":
         return _build(tr.Gemma2Config, tr.Gemma2ForCausalLM, head_dim=8, sliding_window=4,
                       attn_logit_softcapping=5.0, final_logit_softcapping=3.0, **DECODER), "causal"
@@ -72,7 +76,7 @@ def build(name: str):
     raise KeyError(name)
 
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "gemma2", "gemma3", "phi3", "gpt2", "bert",
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemma2", "gemma3", "phi3", "gpt2", "bert",
             "t5", "vit")
 
 
@@ -203,7 +207,7 @@ def reference_model(model, rule: str = "attnlrp"):
         if isinstance(config, tr.PretrainedConfig):
             config._attn_implementation_internal = REF_NAME
             config._lrp_test_rule = rule
-    gated_products = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Gemma2MLP", "Gemma3MLP"}
+    gated_products = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Gemma2MLP", "Gemma3MLP", "Qwen3MoeMLP"}
     for m in ref.modules():
         cls = type(m).__name__
         if cls in gated_products:
@@ -216,10 +220,10 @@ def reference_model(model, rule: str = "attnlrp"):
             m.act._lrp_ref_done = True
         elif cls == "Phi3MLP":
             m.gate_up_proj.register_forward_hook(lambda mod, i, o: _half(o))
-        elif cls == "MixtralExperts":
+        elif cls in ("MixtralExperts", "Qwen3MoeExperts"):
             m.forward = _mixtral_experts_reference(m)
             m.act_fn._lrp_ref_done = True
-        elif cls == "MixtralTopKRouter":
+        elif cls in ("MixtralTopKRouter", "Qwen3MoeTopKRouter"):
             m.register_forward_hook(lambda mod, i, o: tuple(t.detach() for t in o))
     for m in ref.modules():
         cls = type(m).__name__

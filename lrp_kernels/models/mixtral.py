@@ -1,4 +1,4 @@
-"""Mixtral (sparse mixture of experts).
+"""Sparse mixture-of-experts decoders: Mixtral and Qwen3-MoE (same experts / top-k router layout).
 
 Rule for the MoE block (documented choice): the router's softmax / top-k *routing weights are
 constants* for relevance. The router gets a detached input (no relevance flows through the
@@ -12,7 +12,7 @@ import torch
 
 from .. import grad
 from . import Family
-from ._rules import install_stop_input
+from ._rules import install_gated_mlp, install_stop_input
 
 
 def install_experts(ctx, name, module) -> None:
@@ -41,8 +41,10 @@ def _no_jitter(ctx, model) -> None:
 
 
 FAMILY = Family(
-    name="mixtral",
-    model_types=("mixtral",),
-    module_rules={"MixtralExperts": install_experts, "MixtralTopKRouter": install_stop_input},
+    name="moe",
+    model_types=("mixtral", "qwen3_moe"),
+    module_rules={"MixtralExperts": install_experts, "MixtralTopKRouter": install_stop_input,
+                  "Qwen3MoeExperts": install_experts, "Qwen3MoeTopKRouter": install_stop_input,
+                  "Qwen3MoeMLP": install_gated_mlp},  # Qwen3-MoE's dense (mlp_only) layers
     setup=_no_jitter,
 )
