@@ -7,22 +7,24 @@ How a hook sees one call of its module
 --------------------------------------
 ``Hook.register(module)`` installs a forward pre-hook and a forward hook. Every call of the
 module gets its own :class:`_Call` record (so a module used twice in one forward keeps two
-independent states, and the backward of each call knows which call it belongs to):
+independent states, and the backward of each call knows which call it belongs to). Two routes:
 
-* the pre-hook routes the tensor positional inputs that require grad through an identity
-  autograd Function (``_InputGate``); its backward is where ``Hook.backward`` runs, with the
-  gradient of those inputs (``grad_input``) and the recorded ``grad_output``;
-* the forward hook calls ``Hook.forward(module, input, output)`` and routes the tensor
-  output(s) through a second identity Function (``_OutputGate``) whose backward records
-  ``grad_output`` for the call.
+* plain :class:`Hook` (``needs_grad_input = True``): the pre-hook routes the tensor positional
+  inputs that require grad through an identity autograd Function (``_InputGate``), whose
+  backward runs ``Hook.backward`` with the module's own input gradient (``grad_input``) and the
+  ``grad_output`` recorded by a second identity Function on the output(s) (``_OutputGate``);
+* rules (:class:`BasicHook`, ``Pass``; ``needs_grad_input = False``): the module runs on
+  *detached* inputs, so its own input backward never runs (a rule recomputes what it needs), and
+  one Function (``_RuleGate``) joins the outputs to the original inputs; its backward returns
+  the rule's result directly. Parameters still get their ordinary gradient from the output.
 
 We do not use ``register_full_backward_hook``: it returns its inputs/outputs as views from a
 custom Function, so an in-place successor (``ReLU(inplace=True)``) raises, and it has no notion
-of which call a backward belongs to. ``_OutputGate`` returns a *copy* of the output, so
+of which call a backward belongs to. The output gates return a *copy* of the output, so
 successors may modify it in place; the copy is transient (the module's own output is freed
-unless the module saved it for its backward). ``_InputGate`` returns its inputs as-is (no
-memory cost) except for modules with ``inplace=True``, which get a copy so the stored input
-stays the true input.
+unless the module saved it for its backward). Inputs are not copied (no memory cost) except for
+modules with ``inplace=True``, so the stored input stays the true input; an input modified in
+place after the forward is refused with a clear error, never used silently.
 
 Only positional tensor arguments get the rule; tensor keyword arguments and non-tensor
 arguments are passed to the module (and to the re-runs of :class:`BasicHook`) unchanged and
