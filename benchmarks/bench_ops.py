@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -205,7 +206,8 @@ def main(argv=None) -> int:
     views = [v.strip() == "R" for v in args.views.split(",")]
     ops = {o.strip() for o in args.ops.split(",")}
     print(f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}; "
-          f"triton {__import__('triton').__version__}; quick={args.quick}", flush=True)
+          f"triton {__import__('triton').__version__}; quick={args.quick}; "
+          f"LRP_KERNELS_TRITON_SWAP_AB={os.environ.get('LRP_KERNELS_TRITON_SWAP_AB', '0')}", flush=True)
     rows: list[dict] = []
     if "linear" in ops:
         rows += bench_linear(args.quick, views)

@@ -30,7 +30,14 @@ step() {  # step NAME TIMEOUT_S CMD...: run, log to $LOGS/NAME.log, remember fai
 step gpu_tests 170 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_ops.py tests/test_compare.py
 step compare_fp32 60 env LRP_KERNELS_TRITON_AUTOTUNE=0 "$PY" -m lrp_kernels.compare --device cuda --sizes 257,515,129 --dtype float32 --backends torch,triton
 step compare_bf16 60 env LRP_KERNELS_TRITON_AUTOTUNE=0 "$PY" -m lrp_kernels.compare --device cuda --sizes 257,515,129 --dtype bfloat16 --backends torch,triton
-step bench_quick 150 "$PY" benchmarks/bench_ops.py --quick
+# the fused GEMM's SWAP_AB tile variants are opt-in until measured: try them here first; if that
+# run fails (e.g. a compiler error on this triton), rerun with the default config list
+before=$status
+step bench_quick 150 env LRP_KERNELS_TRITON_SWAP_AB=1 "$PY" benchmarks/bench_ops.py --quick
+if [ "$status" -ne "$before" ]; then
+  status=$before
+  step bench_quick 150 "$PY" benchmarks/bench_ops.py --quick
+fi
 grep '^{' "$LOGS/bench_quick.log" > "$LOGS/bench_quick.jsonl" || true
 echo "gpu_ops.sh: overall exit $status; logs in $LOGS"
 exit $status

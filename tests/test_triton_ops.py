@@ -218,6 +218,20 @@ def test_softmax_vs_oracle_and_torch(poison, relevance, shape, dim, temperature)
     assert rel_err(got, ref) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("per_program", [1, 64, 4096])
+def test_softmax_rows_per_program(poison, monkeypatch, per_program):
+    """1, 2 (with a partial last program) or many short rows per program: same result."""
+    from lrp_kernels.triton import softmax_dt
+    monkeypatch.setattr(softmax_dt, "ELEMS_PER_PROGRAM_INTERPRET", per_program)
+    monkeypatch.setattr(softmax_dt, "ELEMS_PER_PROGRAM", per_program)
+    gen = torch.Generator().manual_seed(per_program)
+    x = masked_logits((7, 33), -1, gen)
+    s = torch.softmax(x, -1)
+    g = gauss(7, 33, gen=gen) * torch.nan_to_num(s)
+    got = triton_call("softmax_dt_backward", g, x, s, 1, 1.0, True)
+    assert rel_err(got, oracle.softmax_R(x, g, dim=1)) < TOL[torch.float32]
+
+
 @pytest.mark.parametrize("relevance", [True, False])
 def test_softmax_noncontiguous_and_fully_masked(poison, relevance):
     gen = torch.Generator().manual_seed(21)

@@ -140,8 +140,11 @@ def _eps_gemm_kernel(
     tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=out_mask)
 
 
-# linear layers (one batch, big GEMMs) try more configs than batched matmuls (many shapes)
-_eps_gemm_tuned = triton.autotune(configs=_configs(True), key=["I", "J", "R", "RELEVANCE"])(_eps_gemm_kernel)
+# Linear layers (one batch, big GEMMs) may try more configs than batched matmuls (many shapes).
+# The SWAP_AB variants are opt-in (LRP_KERNELS_TRITON_SWAP_AB=1) until measured on a GPU.
+_SWAP_VARIANTS = os.environ.get("LRP_KERNELS_TRITON_SWAP_AB", "0") == "1"
+_eps_gemm_tuned = triton.autotune(configs=_configs(_SWAP_VARIANTS), key=["I", "J", "R", "RELEVANCE"])(
+    _eps_gemm_kernel)
 _eps_gemm_tuned_batched = triton.autotune(configs=_configs(False), key=["I", "J", "R", "RELEVANCE"])(
     _eps_gemm_kernel)
 
