@@ -397,7 +397,14 @@ def _explain_batch(model, tokenizer, prompts, targets, *, continuation, contrast
         objective.sum().backward()
 
     grad = embeds.grad
-    rel = (embeds.detach().float() * grad.float()).sum(-1) * mask  # padding: exactly zero
+    raw = (embeds.detach().float() * grad.float()).sum(-1)
+    # masked (padding) keys get no attention, hence no relevance; the mask below only removes
+    # rounding noise, and the raw value is reported so this stays checkable
+    pad_rel = (raw * (1 - mask)).abs().sum(-1)
+    rel = raw * mask
+    if not torch.isfinite(rel).all():
+        raise ExplainError("the relevance is not finite (NaN/Inf); try float32 or a larger "
+                           "epsilon")
     lat = None
     if latent:
         lat = torch.stack([(h.detach().float() * h.grad.float()).sum(-1) if h.grad is not None
@@ -421,7 +428,7 @@ def _explain_batch(model, tokenizer, prompts, targets, *, continuation, contrast
             latent=None if lat is None else lat[i, :, span].cpu(),
             meta={"objective": "sum of continuation logits" if cont_ids else
                   ("logit difference" if foil_id is not None else "logit"),
-                  "padding_relevance": float(rel[i, :pad].abs().sum()) if pad else 0.0}))
+                  "padding_relevance": float(pad_rel[i])}))
     for p in model.parameters():  # the backward filled parameter grads: leave the model clean
         p.grad = None
     return exps

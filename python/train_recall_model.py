@@ -104,11 +104,11 @@ def build_tokenizer():
                                    model_max_length=64)
 
 
-def build_model(vocab_size: int, tokenizer):
+def build_model(vocab_size: int, tokenizer, hidden: int = 128, layers: int = 2, heads: int = 4):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=256,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                       max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False,
                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                       pad_token_id=tokenizer.pad_token_id, attention_bias=False, mlp_bias=False)
@@ -157,6 +157,9 @@ def main(argv=None) -> int:
     ap.add_argument("--target-accuracy", type=float, default=0.98)
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--loss", choices=("all", "answers"), default="answers",
                     help="cross-entropy on every position, or on the query answers only")
     ap.add_argument("--queries", type=int, default=8,
@@ -171,7 +174,7 @@ def main(argv=None) -> int:
     eval_rng = random.Random(args.seed + 1)  # held-out stream, disjoint use from training
 
     tokenizer = build_tokenizer()
-    model = build_model(len(VOCAB), tokenizer)
+    model = build_model(len(VOCAB), tokenizer, args.hidden, args.layers, args.heads)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = 200
@@ -233,7 +236,9 @@ def main(argv=None) -> int:
         "heldout_examples": 1000, "steps": step, "batch_size": args.batch_size, "lr": args.lr,
         "seed": args.seed, "torch": torch.__version__,
         "command": "nice python python/train_recall_model.py --out lrp_kernels/assets/recall-llama"
-                   f" --seed {args.seed} --lr {args.lr} --queries {args.queries} --loss {args.loss}",
+                   f" --seed {args.seed} --lr {args.lr} --queries {args.queries} --loss {args.loss}"
+                   f" --batch-size {args.batch_size} --hidden {args.hidden} --layers {args.layers}"
+                   f" --heads {args.heads}",
         "train_seconds": round(time.time() - t0),
     }
     with open(os.path.join(args.out, "metadata.json"), "w") as f:

@@ -85,7 +85,8 @@ def test_batch_equals_single_and_padding_is_zero(model, tok, rules):
         s = explain(model, tok, text, rules=rules)
         assert b.tokens == s.tokens and b.target.id == s.target.id
         torch.testing.assert_close(b.relevance, s.relevance, rtol=1e-4, atol=1e-5)
-        assert b.meta["padding_relevance"] == 0.0
+        # raw relevance that reached the padding (before the mask): none, up to rounding
+        assert b.meta["padding_relevance"] <= 1e-6 * float(b.relevance.abs().sum())
     # per-prompt targets
     batch_t = explain(model, tok, texts, ["3", "4", "5", "6"], rules=rules)
     assert [b.target.text for b in batch_t] == ["3", "4", "5", "6"]
