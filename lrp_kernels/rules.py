@@ -42,6 +42,13 @@ Both are safe under ``torch.utils.checkpoint(..., use_reentrant=False)`` (tested
 nothing on the module, so a module called several times in one forward is handled per call.
 A wrapped ``nn.Linear`` called with one tensor under :class:`EpsilonRule` routes to the fused
 :func:`lrp_kernels.ops.linear_epsilon.linear_epsilon` (same math, dispatch picks the backend).
+
+Inside :func:`lrp_kernels.check.conservation` every rule application is recorded (relevance in
+and out). Whether conservation is *expected*: always for the identity, uniform and
+Taylor-without-bias rules; for the epsilon rules exactly when the module is bias-free at this
+input, i.e. positively homogeneous, ``J(x) x == f(x)`` (Euler; one JVP, computed only while
+checking). Don't nest rules by hand: the VJP of a wrapped module would run through the inner
+rules' modified backward (the Composite never visits the inside of a wrapped module).
 """
 from __future__ import annotations
 
@@ -55,9 +62,9 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .ops import linear_epsilon as _lin
 from .ops._common import DEFAULT_EPSILON, check_epsilon, compute_dtype, stabilize, zero_masked
 
-try:  # the conservation recorder lands in lrp_kernels/check.py; rules work without it
+try:  # the conservation check mode (lrp_kernels/check.py); rules work without it
     from . import check as _check
-except ImportError:  # pragma: no cover - depends on the tree state
+except ImportError:  # pragma: no cover
     _check = None
 
 __all__ = ["Rule", "EpsilonRule", "UniformRule", "UniformEpsilonRule", "IdentityRule",

@@ -340,3 +340,32 @@ def test_gpu_composite_equals_explicit_and_recompute_matches(recompute):
         yd.backward(yd)
         grads.append(xi.grad)
     torch.testing.assert_close(grads[1], grads[0])
+
+
+def test_module_path_on_a_hugging_face_llama():
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    torch.manual_seed(8)
+    cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 32, (1, 6))
+    before = dict(model.named_modules())
+    with torch.no_grad():
+        y0 = model(ids, use_cache=False).logits
+    grads = []
+    for mapping in ({nn.Linear: rules.EpsilonRule, LlamaRMSNorm: rules.IdentityRule},
+                    {nn.Linear: modules.LinearEpsilon, LlamaRMSNorm: modules.RMSNormIdentity}):
+        with Composite(mapping) as lrp:
+            lrp.register(model)
+            emb = model.get_input_embeddings()(ids).detach().requires_grad_()
+            y = model(inputs_embeds=emb, use_cache=False).logits
+            torch.testing.assert_close(y, y0, rtol=1e-5, atol=1e-6)
+            y[0, -1].max().backward()
+            grads.append(emb.grad)
+        assert dict(model.named_modules()) == before
+        with torch.no_grad():
+            assert torch.equal(model(ids, use_cache=False).logits, y0)
+    # rules and drop-ins agree (up to the drop-in norm's own float32 forward rounding)
+    assert torch.isfinite(grads[0]).all()
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-5)
