@@ -82,11 +82,13 @@ def _eps_gemm_kernel(
     SWAP_AB: tl.constexpr,
 ):
     """One ``[BLOCK_I, BLOCK_J]`` tile of ``out[b] = prologue(G[b], Z[b]) @ W[b] (* X[b])``."""
-    pid = tl.program_id(0)
-    batch = tl.program_id(1).to(tl.int64)
-    # grouped tile order: GROUP_I row-tiles share the W column-tiles in L2
+    # one flat grid axis (the y/z axes stop at 65535; batch * heads can exceed that)
     n_i = tl.cdiv(I, BLOCK_I)
     n_j = tl.cdiv(J, BLOCK_J)
+    flat = tl.program_id(0).to(tl.int64)
+    batch = flat // (n_i * n_j)
+    pid = (flat % (n_i * n_j)).to(tl.int32)
+    # grouped tile order: GROUP_I row-tiles share the W column-tiles in L2
     per_group = GROUP_I * n_j
     first_i = (pid // per_group) * GROUP_I
     group_rows = tl.minimum(n_i - first_i, GROUP_I)
@@ -178,16 +180,16 @@ def eps_gemm(g: torch.Tensor, z: torch.Tensor, w: torch.Tensor, x: Optional[torc
     flags = {"RELEVANCE": bool(relevance), "DOT_FP32": dot_fp32, "DOT_PRECISION": precision}
     if _backend.interpreting():
         cfg = INTERPRET_CONFIG
-        grid = (triton.cdiv(I, cfg["BLOCK_I"]) * triton.cdiv(J, cfg["BLOCK_J"]), batch)
+        grid = (triton.cdiv(I, cfg["BLOCK_I"]) * triton.cdiv(J, cfg["BLOCK_J"]) * batch,)
         _eps_gemm_kernel[grid](*args, **flags, **cfg)
     elif os.environ.get("LRP_KERNELS_TRITON_AUTOTUNE", "1") == "0":
         cfg = FIXED_CONFIG
-        grid = (triton.cdiv(I, cfg["BLOCK_I"]) * triton.cdiv(J, cfg["BLOCK_J"]), batch)
+        grid = (triton.cdiv(I, cfg["BLOCK_I"]) * triton.cdiv(J, cfg["BLOCK_J"]) * batch,)
         with torch.cuda.device(out.device):
             _eps_gemm_kernel[grid](*args, **flags, **cfg)
     else:
         def grid(meta):
-            return (triton.cdiv(I, meta["BLOCK_I"]) * triton.cdiv(J, meta["BLOCK_J"]), batch)
+            return (triton.cdiv(I, meta["BLOCK_I"]) * triton.cdiv(J, meta["BLOCK_J"]) * batch,)
         tuned = _eps_gemm_tuned if batch == 1 else _eps_gemm_tuned_batched
         with torch.cuda.device(out.device):
             tuned[grid](*args, **flags)
