@@ -68,6 +68,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 from torch import nn
 
+from . import check as _check
 from .ops._common import DEFAULT_EPSILON, compute_dtype
 from .ops._common import stabilize as _stab_basic
 
@@ -539,6 +540,36 @@ class BasicHook(Hook):
     #: False for rules whose input modifiers drop x (no gradient view)
     supports_gradient_view = True
     needs_grad_input = False
+    #: the conservation check (lrp_kernels.check) expects sum(R_in) == sum(R_out) for this rule
+    #: when the layer's bias (unless zeroed by the rule) is zero / absent ...
+    conserves = False
+    #: ... or always, for rules whose denominators have no bias term
+    ignores_bias = False
+
+    def expects_conservation(self, module: nn.Module) -> bool:
+        """Whether the conservation check should expect ``sum(R_in) == sum(R_out)`` here."""
+        if not self.conserves:
+            return False
+        if self.ignores_bias:
+            return True
+        zeroed = set(_names(getattr(self, "zero_params", None)))
+        for name, p in module.named_parameters():
+            if name.rsplit(".", 1)[-1] == "bias" and name not in zeroed and bool(p.detach().any()):
+                return False
+        return True
+
+    def _report(self, module: nn.Module, inputs: Sequence[Any], positions: Sequence[int],
+                result: Sequence[Optional[torch.Tensor]], grad_output: torch.Tensor,
+                y: Optional[torch.Tensor] = None) -> None:
+        """Hand this application to the conservation check mode (no-op when none is active)."""
+        if not _check.active():
+            return
+        if not self.relevance and y is None:
+            with torch.no_grad():
+                y = _tensor_output(_rerun(module, {}, inputs, self._kwargs()), module)
+        _check.record(f"{type(self).__name__}({type(module).__name__})", [inputs[i] for i in positions],
+                      [result[i] for i in positions], None if self.relevance else y, grad_output,
+                      self.relevance, lambda: self.expects_conservation(module))
 
     def __init__(self, input_modifiers: Optional[Sequence[Callable]] = None,
                  param_modifiers: Optional[Sequence[Union[Callable, ParamMod]]] = None,
@@ -636,5 +667,6 @@ class BasicHook(Hook):
                     red = self.reducer(tuple(xk[i] for xk in mod_graph), tuple(v[i].detach() for v in vs))
                     g, = torch.autograd.grad(red.sum(), base[i], allow_unused=True)
                     result[i] = torch.zeros_like(base[i]) if g is None else g
+        self._report(module, inputs, positions, result, g_out, None if self.relevance else y)
         return tuple(result)
 

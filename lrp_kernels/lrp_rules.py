@@ -126,6 +126,8 @@ class Epsilon(BasicHook):
     ``linear_epsilon_backward`` kernel op (Triton on CUDA).
     """
 
+    conserves = True
+
     def __init__(self, epsilon: Stab = DEFAULT_EPSILON, zero_params: Names = None, relevance: bool = True):
         if not callable(epsilon):
             _check_nonneg("epsilon", epsilon)
@@ -142,12 +144,16 @@ class Epsilon(BasicHook):
         x, weight, bias, z = fused
         if z is not None:  # the op's z is the denominator too: zeroed bias in the gradient view
             return super().backward(module, grad_input, grad_output)
-        return (dispatch.call("linear_epsilon_backward", grad_output[0], x, weight, bias, None,
-                              float(self.epsilon), self.relevance),)
+        res = dispatch.call("linear_epsilon_backward", grad_output[0], x, weight, bias, None,
+                            float(self.epsilon), self.relevance)
+        self._report(module, (x,), (0,), (res,), grad_output[0])
+        return (res,)
 
 
 class Norm(BasicHook):
     """Epsilon rule for parameter-free modules (sum / average pooling, ...): ``R_x = x * J^T (R_y / stab(y))``."""
+
+    conserves = True
 
     def __init__(self, stabilizer: Stab = DEFAULT_EPSILON, relevance: bool = True):
         super().__init__(param_modifiers=[NoMod(param_keys=[])], stabilizer=stabilizer, relevance=relevance)
@@ -202,6 +208,8 @@ class Gamma(BasicHook):
     ``nn.Linear`` with a numeric stabiliser uses the ``linear_gamma_backward`` kernel op
     (:mod:`lrp_kernels.ops.linear_gamma`; fused Triton kernels on CUDA)."""
 
+    conserves = True
+
     def __init__(self, gamma: float = 0.25, stabilizer: Stab = DEFAULT_EPSILON, zero_params: Names = None,
                  relevance: bool = True):
         _check_nonneg("gamma", gamma)
@@ -230,14 +238,17 @@ class Gamma(BasicHook):
         if fused is None:
             return super().backward(module, grad_input, grad_output)
         x, weight, bias, z = fused
-        return (dispatch.call("linear_gamma_backward", grad_output[0], x, weight, bias, z, self.gamma,
-                              float(self.epsilon), self.relevance),)
+        res = dispatch.call("linear_gamma_backward", grad_output[0], x, weight, bias, z, self.gamma,
+                            float(self.epsilon), self.relevance)
+        self._report(module, (x,), (0,), (res,), grad_output[0])
+        return (res,)
 
 
 class Flat(BasicHook):
     """``R_j = sum_k 1 / stab(n_k) R_k``, ``n_k`` = number of inputs connected to output ``k``."""
 
     supports_gradient_view = False
+    conserves = ignores_bias = True
 
     def __init__(self, stabilizer: Stab = DEFAULT_EPSILON, zero_params: Names = None, relevance: bool = True):
         super().__init__(input_modifiers=[torch.ones_like],
@@ -250,6 +261,7 @@ class WSquare(BasicHook):
     """``R_j = sum_k w_jk^2 / stab(sum_j' w_j'k^2) R_k`` (no bias)."""
 
     supports_gradient_view = False
+    conserves = ignores_bias = True
 
     def __init__(self, stabilizer: Stab = DEFAULT_EPSILON, zero_params: Names = None, relevance: bool = True):
         super().__init__(input_modifiers=[torch.ones_like],
@@ -263,6 +275,7 @@ class ZBox(BasicHook):
     ``low``/``high`` are numbers or tensors broadcastable to the input."""
 
     supports_gradient_view = False
+    conserves = ignores_bias = True
 
     def __init__(self, low: Union[float, torch.Tensor], high: Union[float, torch.Tensor],
                  stabilizer: Stab = DEFAULT_EPSILON, zero_params: Names = None, relevance: bool = True):

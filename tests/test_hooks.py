@@ -558,3 +558,33 @@ def test_ignore_hook_on_relu_passes_gradient():
     grad, = torch.autograd.grad(out, x, torch.ones_like(out))
     h.remove()
     assert torch.equal(grad, torch.ones_like(x))
+
+
+@pytest.mark.parametrize("relevance", [True, False])
+def test_rules_report_to_the_conservation_check(relevance):
+    check = pytest.importorskip("lrp_kernels.check")
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(5, 6, bias=False), nn.ReLU(), nn.Linear(6, 4), nn.Linear(4, 3, bias=False)).double()
+    comp = LayerMapComposite([(nn.Linear, R.Gamma(0.5, 1e-12, relevance=relevance)), (nn.ReLU, R.Pass())])
+    x = torch.rand(3, 5, dtype=f64) + 0.1
+    with comp.context(model), check.conservation(rtol=1e-6) as report:
+        y = model(x.requires_grad_(True))
+        y.backward(y if relevance else torch.ones_like(y))
+    names = [r.name for r in report.records]
+    assert len(report.records) == 3 and all("Gamma(Linear)" in n for n in names), report.table()
+    expected = [r.expected for r in report.records]   # backward order: last layer first
+    assert expected == [True, False, True]            # the middle Linear has a bias
+    assert report.first_violation() is None, report.table()
+    assert abs(report.records[0].r_out - report.records[0].r_in) < 1e-9 * report.records[0].mass
+    assert report.records[1].r_in != pytest.approx(report.records[1].r_out)  # the bias absorbs
+
+
+def test_generic_rule_path_reports_to_the_conservation_check():
+    check = pytest.importorskip("lrp_kernels.check")
+    conv = nn.Conv2d(2, 3, 3, padding=1).double()
+    with R.Flat(1e-12).register(conv), check.conservation(rtol=1e-6) as report:
+        x = torch.randn(1, 2, 4, 4, dtype=f64, requires_grad=True)
+        y = conv(x)
+        y.backward(torch.randn_like(y))
+    rec, = report.records
+    assert rec.name.startswith("Flat(Conv2d)") and rec.expected and rec.conserved, report.table()
