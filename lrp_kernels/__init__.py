@@ -8,6 +8,8 @@ from . import functional, grad, modules  # noqa: F401
 from .dispatch import (BackendUnavailableError, available_backends, current_backend,  # noqa: F401
                        use_backend)
 from .ops._common import stabilize  # noqa: F401
+from . import check, rules  # noqa: F401  (conservation check mode; LXT-style rules)
+from .composite import Composite  # noqa: F401
 from .patch import PatchHandle, UnsupportedModelError, patch  # noqa: F401  (Hugging Face model patches)
 from .explain import Explanation, explain  # noqa: F401  (user-facing API; shadows the module name)
 

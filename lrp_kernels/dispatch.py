@@ -123,11 +123,17 @@ def available_backends() -> dict[str, dict[str, object]]:
     return out
 
 
+def forced_backend() -> Optional[str]:
+    """The innermost ``use_backend`` choice of this thread, or ``None`` outside any block."""
+    stack = getattr(_state, "stack", None)
+    return stack[-1] if stack else None
+
+
 def current_backend() -> str:
     """The backend selected by ``use_backend`` or ``LRP_KERNELS_BACKEND`` (default ``auto``)."""
-    stack = getattr(_state, "stack", None)
-    if stack:
-        return stack[-1]
+    forced = forced_backend()
+    if forced:
+        return forced
     env = os.environ.get(_ENV_VAR, "auto").strip().lower() or "auto"
     if env not in BACKENDS + ("auto",):
         raise ValueError(f"{_ENV_VAR} must be one of {BACKENDS + ('auto',)}, got {env!r}")

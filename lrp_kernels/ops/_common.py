@@ -74,8 +74,7 @@ def pin_backend(backend: Optional[str]) -> Optional[str]:
     from .. import dispatch
 
     if backend is None:
-        stack = getattr(dispatch._state, "stack", None)  # the innermost use_backend, if any
-        return stack[-1] if stack else None
+        return dispatch.forced_backend()
     if backend not in dispatch.BACKENDS + ("auto",):
         raise ValueError(f"backend must be one of {dispatch.BACKENDS + ('auto',)}, got {backend!r}")
     if backend not in ("auto", "torch"):
