@@ -443,3 +443,21 @@ def test_linear_gamma_triton_on_cuda(dtype, tol, relevance):
     ref = linear_gamma_backward_torch(grad.double(), x.double(), W.double(), b.double(), None, 0.25, 1e-6, relevance)
     assert got.dtype == dtype and torch.isfinite(got).all()
     assert ((got.double() - ref).norm() / ref.norm()).item() < tol
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+@pytest.mark.parametrize("name,kw", [("epsilon", {}), ("gamma", {"gamma": 0.25}), ("alphabeta", {"alpha": 2.0, "beta": 1.0})])
+def test_bfloat16_rules_close_to_float64_reference(kind, name, kw):
+    """bf16 layers: the result is bf16 and within 3e-2 (norm-wise) of float64 on the same
+    (rounded) weights and inputs; stabilisers run in float32."""
+    layer, shape = layers()[kind]
+    torch.manual_seed(14)
+    layer = layer.to(torch.bfloat16)
+    x = torch.randn(shape).to(torch.bfloat16)
+    M, C, b = explicit(layer, shape)
+    R_x, R_y = run_rule(make_rule(name, **kw), layer, x, lambda y: y.clone(), relevance=True)
+    assert R_x.dtype == torch.bfloat16 and torch.isfinite(R_x).all()
+    for n in range(shape[0]):
+        ref = ref_rule(name, x[n].reshape(-1).double(), M, C, b, R_y[n].reshape(-1).double(), EPS, **kw)
+        err = (R_x[n].reshape(-1).double() - ref).norm() / ref.norm()
+        assert err < 3e-2, err
