@@ -521,3 +521,22 @@ def test_softmax_nan_logits_are_not_hidden(view):
     s.backward(torch.ones_like(s) if view is G else torch.nan_to_num(s.detach(), nan=0.0) + 0.1)
     assert torch.isnan(x.grad[1]).any()
     assert torch.isfinite(x.grad[0]).all() and (x.grad[2] == 0).all()
+
+
+def test_softmax_ignores_relevance_arriving_at_masked_entries():
+    """Masked logits are outside the softmax: R_s there must not leak into the row (SPEC masks)."""
+    torch.manual_seed(11)
+    x = torch.randn(3, 7, dtype=torch.float64)
+    x[:, 2] = float("-inf")
+    x[1, 5] = torch.finfo(torch.float64).min
+    r = torch.randn(3, 7, dtype=torch.float64)
+    r_zeroed = r.clone()
+    r_zeroed[:, 2] = 0.0
+    r_zeroed[1, 5] = 0.0
+    got = []
+    for rel in (r, r_zeroed):
+        xx = x.clone().requires_grad_()
+        F.softmax(xx, -1).backward(rel)
+        got.append(xx.grad)
+    assert torch.equal(got[0], got[1])
+    assert torch.isfinite(got[0]).all() and (got[0][:, 2] == 0).all()

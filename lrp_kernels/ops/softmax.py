@@ -7,8 +7,10 @@ Relevance view (sums over the softmax dim)::
 Gradient view: the plain softmax gradient ``G_x = s * (G_s - sum(s * G_s)) / T``
 (substituting ``R_s = s * G_s`` above gives ``R_x = x * G_x``).
 
-Masked logits (``-inf`` or the dtype's minimum) get exactly zero relevance; fully masked
-rows give zero relevance, never NaN. One kernel op, ``softmax_dt_backward``.
+Masked logits (``-inf`` or the dtype's minimum) are not part of the softmax: they get exactly
+zero relevance, and relevance arriving at them (where ``s = 0``) is ignored, so the row sum runs
+over unmasked entries only (every backend does the same). Fully masked rows give zero
+relevance, never NaN. One kernel op, ``softmax_dt_backward``.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ def softmax_dt_backward_torch(
     cd = compute_dtype(grad_s, x)
     g, sf = grad_s.to(cd), s.to(cd)
     if relevance:
+        g = zero_masked(g, x)  # masked entries are outside the softmax: their R_s is ignored
         out = g - sf * g.sum(dim, keepdim=True)
         xf = x.to(cd)
         xs = torch.where(torch.isneginf(xf), 0.0, xf) / temperature
