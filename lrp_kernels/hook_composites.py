@@ -146,3 +146,69 @@ class SpecialFirstLayerMapComposite(LayerMapComposite):
             if rule is not None:
                 chosen.append((module, rule))
         return chosen
+
+
+# ----------------------------------------------------------------------------- named composites
+
+def _activations() -> Tuple[type, ...]:
+    """Element-wise activations: relevance passes through them unchanged (Pass rule)."""
+    return (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid,
+            nn.Softplus, nn.Softsign, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.ReLU6, nn.PReLU)
+
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+          nn.AdaptiveAvgPool3d)
+
+
+def _common_map(epsilon: float) -> list:
+    from .lrp_rules import Norm, Pass
+    return [(_activations(), Pass()), (_POOLS, Norm(epsilon))]
+
+
+class EpsilonGammaBox(SpecialFirstLayerMapComposite):
+    """ZBox(low, high) on the first convolution, Gamma on the other convolutions, Epsilon on
+    linear layers, Pass on activations, Norm on average pooling (a usual choice for CNNs on
+    images with known pixel bounds)."""
+
+    def __init__(self, low, high, epsilon: float = 1e-6, gamma: float = 0.25):
+        from .lrp_rules import Epsilon, Gamma, ZBox
+        super().__init__(_common_map(epsilon) + [(_CONVS, Gamma(gamma)), (nn.Linear, Epsilon(epsilon))],
+                         [(_CONVS, ZBox(low, high))])
+
+
+class EpsilonPlus(LayerMapComposite):
+    """ZPlus on convolutions, Epsilon on linear layers, Pass on activations, Norm on pooling."""
+
+    def __init__(self, epsilon: float = 1e-6):
+        from .lrp_rules import Epsilon, ZPlus
+        super().__init__(_common_map(epsilon) + [(_CONVS, ZPlus()), (nn.Linear, Epsilon(epsilon))])
+
+
+class EpsilonPlusFlat(SpecialFirstLayerMapComposite):
+    """As :class:`EpsilonPlus`, with the Flat rule on the first convolution or linear layer."""
+
+    def __init__(self, epsilon: float = 1e-6):
+        from .lrp_rules import Epsilon, Flat, ZPlus
+        super().__init__(_common_map(epsilon) + [(_CONVS, ZPlus()), (nn.Linear, Epsilon(epsilon))],
+                         [(_CONVS + (nn.Linear,), Flat())])
+
+
+class EpsilonAlpha2Beta1(LayerMapComposite):
+    """AlphaBeta(2, 1) on convolutions, Epsilon on linear layers, Pass on activations, Norm on pooling."""
+
+    def __init__(self, epsilon: float = 1e-6):
+        from .lrp_rules import AlphaBeta, Epsilon
+        super().__init__(_common_map(epsilon) + [(_CONVS, AlphaBeta(2.0, 1.0)), (nn.Linear, Epsilon(epsilon))])
+
+
+class EpsilonAlpha2Beta1Flat(SpecialFirstLayerMapComposite):
+    """As :class:`EpsilonAlpha2Beta1`, with the Flat rule on the first convolution or linear layer."""
+
+    def __init__(self, epsilon: float = 1e-6):
+        from .lrp_rules import AlphaBeta, Epsilon, Flat
+        super().__init__(_common_map(epsilon) + [(_CONVS, AlphaBeta(2.0, 1.0)), (nn.Linear, Epsilon(epsilon))],
+                         [(_CONVS + (nn.Linear,), Flat())])
+
+
+__all__ += ["EpsilonGammaBox", "EpsilonPlus", "EpsilonPlusFlat", "EpsilonAlpha2Beta1", "EpsilonAlpha2Beta1Flat"]

@@ -588,3 +588,37 @@ def test_generic_rule_path_reports_to_the_conservation_check():
         y.backward(torch.randn_like(y))
     rec, = report.records
     assert rec.name.startswith("Flat(Conv2d)") and rec.expected and rec.conserved, report.table()
+
+
+def test_named_composites_assign_the_documented_rules():
+    from lrp_kernels import hook_composites as HC
+
+    class CNN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+            self.act, self.pool, self.fc = nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(self.pool(self.act(self.c2(self.act(self.c1(x))))).flatten(1))
+
+    expect = {
+        HC.EpsilonGammaBox: {"c1": "ZBox", "c2": "Gamma", "fc": "Epsilon"},
+        HC.EpsilonPlus: {"c1": "ZPlus", "c2": "ZPlus", "fc": "Epsilon"},
+        HC.EpsilonPlusFlat: {"c1": "Flat", "c2": "ZPlus", "fc": "Epsilon"},
+        HC.EpsilonAlpha2Beta1: {"c1": "AlphaBeta", "c2": "AlphaBeta", "fc": "Epsilon"},
+        HC.EpsilonAlpha2Beta1Flat: {"c1": "Flat", "c2": "AlphaBeta", "fc": "Epsilon"},
+    }
+    torch.manual_seed(12)
+    model = CNN()
+    x = torch.rand(2, 3, 5, 5)
+    for cls, rules in expect.items():
+        comp = cls(-1.0, 1.0) if cls is HC.EpsilonGammaBox else cls()
+        with comp.context(model):
+            names = {n: type(h.hook).__name__ for h in comp.handles for n, m in model.named_modules() if m is h.module}
+            assert {k: names[k] for k in rules} == rules and names["act"] == "Pass" and names["pool"] == "Norm"
+            xx = x.clone().requires_grad_(True)
+            y = model(xx)
+            y[:, 0].sum().backward()
+            assert torch.isfinite(xx.grad).all() and xx.grad.abs().sum() > 0
+        _no_hooks(model)
