@@ -222,3 +222,20 @@ def test_gamma_hooks_combine_with_the_traced_composite():
     assert torch.allclose(got, ref, rtol=1e-7, atol=1e-12), (got - ref).abs().max()
     assert torch.isfinite(other).all() and not torch.allclose(other, ref)
     _assert_clean(model, state)
+
+
+def test_gamma_on_patched_vit_same_with_gradient_checkpointing():
+    patch = pytest.importorskip("lrp_kernels.patch").patch
+    model = tiny_vit()
+    model.train()  # HF only checkpoints in training mode; dropout is 0 in the config
+    pixels = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    with patch(model):
+        with gamma_composite(0.5, 0.25).context(model):
+            plain, _ = pixel_relevance(model, pixels)
+        model.gradient_checkpointing_enable()  # checkpoints each ViT layer (checked: 2 calls)
+        try:
+            with gamma_composite(0.5, 0.25).context(model):
+                ckpt, _ = pixel_relevance(model, pixels)
+        finally:
+            model.gradient_checkpointing_disable()
+    assert torch.allclose(plain, ckpt, rtol=1e-10, atol=1e-14)
