@@ -58,7 +58,7 @@ IMPLS = ("auto", "eager", "chunked", "flash")
 # eager (one N x M matrix) is fastest below this many score entries per (batch, head)
 _EAGER_MAX_SCORES = 128 * 128
 # chunked backend: aim for score blocks of about this many fp32 elements
-_CHUNK_ELEMENTS = 1 << 21
+_CHUNK_ELEMENTS = 1 << 22
 
 
 # ---- input checks and masks ----------------------------------------------------------------
@@ -195,21 +195,29 @@ def _eager(q, k, v, spec: _Spec, relevance: bool) -> torch.Tensor:
 
 # ---- chunked: the torch backend of the fused kernel ops ---------------------------------------
 #
-# Per query block, only the keys its masks can reach are touched (causal: up to the diagonal;
-# sliding window: from the window's start), and the N x M block tensors are updated in place:
-# the scores become P, and H @ V^T becomes T. S0 / stab(S0) is computed from the scaled
-# logits: with S = scale * S0, ``S0 / stab(S0) = |S| / (|S| + |scale| eps)`` exactly.
+# Layout: the G query heads of a GQA group are interleaved per position ([B, Hkv, N, G, x]), so
+# one query block of every head in a group is a single contiguous [B, Hkv, n*G, x] slice and
+# every product is a plain 4-D matmul against its group's K / V (no copies per block).
+# Per block, only the keys its masks can reach are touched (causal: up to the diagonal; sliding
+# window: from the window's start), and the block tensors are updated in place (the scores
+# become P, H @ V^T becomes T). K is pre-scaled, so the scores are S = scale * S0 and
+# ``S0 / stab(S0) = |S| / (|S| + |scale| eps)`` exactly.
 
 def _block_rows(spec: _Spec, block_size: Optional[int]) -> int:
     if block_size is not None:
         return int(block_size)
     per_row = max(1, spec.B * spec.Hq * spec.M)
-    return int(max(1, min(spec.N, max(64, _CHUNK_ELEMENTS // per_row))))
+    return int(max(1, min(spec.N, max(32, _CHUNK_ELEMENTS // per_row))))
 
 
-def _grouped(t: torch.Tensor, spec: _Spec) -> torch.Tensor:
-    """[B, Hq, n, x] -> [B, Hkv, G, n, x] (a view when possible)."""
-    return t.reshape(spec.B, spec.Hkv, spec.G, t.shape[-2], t.shape[-1])
+def _rows(t: torch.Tensor, spec: _Spec) -> torch.Tensor:
+    """[B, Hq, N, x] -> [B, Hkv, N, G, x], contiguous (group heads interleaved per position)."""
+    return t.reshape(spec.B, spec.Hkv, spec.G, t.shape[-2], t.shape[-1]).transpose(2, 3).contiguous()
+
+
+def _unrows(t: torch.Tensor, spec: _Spec) -> torch.Tensor:
+    """Inverse of :func:`_rows`."""
+    return t.transpose(2, 3).reshape(spec.B, spec.Hq, t.shape[2], t.shape[-1])
 
 
 def _key_span(spec: _Spec, q0: int, q1: int) -> tuple[int, int]:
@@ -224,37 +232,38 @@ def _key_span(spec: _Spec, q0: int, q1: int) -> tuple[int, int]:
 
 
 def _mask_block(s: torch.Tensor, spec: _Spec, q0: int, q1: int, lo: int, hi: int) -> None:
-    """Put -inf (in place) where rows [q0, q1) x keys [lo, hi) of ``s`` [B, Hkv, G, n, span] are
-    masked; add a finite additive mask."""
-    if spec.causal or spec.window is not None:
-        qpos = torch.arange(q0, q1, device=s.device)[:, None] + (spec.M - spec.N)
-        kpos = torch.arange(lo, hi, device=s.device)[None, :]
-        bad = None
-        if spec.causal and hi - 1 > q0 + spec.M - spec.N:
-            bad = kpos > qpos
-        if spec.window is not None and lo <= q1 - 1 + spec.M - spec.N - spec.window:
+    """-inf (in place) where rows [q0, q1) x keys [lo, hi) of ``s`` [B, Hkv, n, G, span] are
+    masked; adds a finite additive mask."""
+    off = spec.M - spec.N
+    n = q1 - q0
+    if spec.causal and spec.window is None and lo <= q0 + off and q1 + off == hi:
+        # the keys of the last n columns are the rows' own positions: a triangle
+        tri = torch.ones(n, n, dtype=torch.bool, device=s.device).triu_(1)
+        s[..., hi - lo - n:].masked_fill_(tri[:, None, :], -math.inf)
+    elif spec.causal or spec.window is not None:
+        qpos = torch.arange(q0, q1, device=s.device)[:, None, None] + off
+        kpos = torch.arange(lo, hi, device=s.device)[None, None, :]
+        bad = kpos > qpos if spec.causal else None
+        if spec.window is not None:
             far = kpos <= qpos - spec.window
             bad = far if bad is None else bad | far
-        if bad is not None:
-            s.masked_fill_(bad, -math.inf)
+        s.masked_fill_(bad, -math.inf)
     m = spec.mask
     if m is None:
         return
     m = (m if m.shape[-2] == 1 else m[..., q0:q1, :])[..., lo:hi]
-    m = m[:, :, None] if m.shape[1] == 1 else m.reshape(m.shape[0], spec.Hkv, spec.G, *m.shape[-2:])
+    if m.shape[1] == 1:
+        m = m[:, :, :, None, :]
+    else:
+        m = m.reshape(m.shape[0], spec.Hkv, spec.G, *m.shape[-2:]).transpose(2, 3)
     if m.dtype == torch.bool:
         s.masked_fill_(~m, -math.inf)
     else:
         s.add_(m.to(s.dtype).masked_fill(m <= torch.finfo(m.dtype).min, -math.inf))
 
 
-def _block_scores(qs, kb, spec: _Spec):
-    """S (scaled, soft-capped, not yet masked) ``[B, Hkv, G, n, span]`` from the scaled queries
-    ``[B, Hkv, G*n, d]`` and keys ``[B, Hkv, span, d]`` (4-D products: no broadcast copies of K);
-    tanh(x) / stab(x) for the soft-cap's identity rule (None without soft-cap)."""
-    s = (qs @ kb.transpose(-1, -2)).view(spec.B, spec.Hkv, spec.G, -1, kb.shape[-2])
-    if spec.softcap is None:
-        return s, None
+def _softcap(s: torch.Tensor, spec: _Spec):
+    """``softcap * tanh(x)`` with ``x = s / softcap``, and ``tanh(x) / stab(x)`` (identity rule)."""
     x = s / spec.softcap
     y = torch.tanh(x)
     return y * spec.softcap, y.div_(stabilize(x, spec.epsilon))
@@ -263,30 +272,30 @@ def _block_scores(qs, kb, spec: _Spec):
 def attnlrp_forward_torch(q, k, v, spec: _Spec, block_size: Optional[int]):
     """``(O, lse)``: O in q's dtype [B, Hq, N, dv], lse [B, Hq, N] (+inf on fully masked rows)."""
     bq = _block_rows(spec, block_size)
-    kf, vf = k.to(spec.cd), v.to(spec.cd)
-    o = torch.zeros(spec.B, spec.Hq, spec.N, spec.dv, dtype=q.dtype, device=q.device)
-    lse = torch.full((spec.B, spec.Hq, spec.N), math.inf, dtype=spec.cd, device=q.device)
-    og, lg, qg = _grouped(o, spec), lse.view(spec.B, spec.Hkv, spec.G, spec.N), _grouped(q, spec)
+    B, Hkv, G = spec.B, spec.Hkv, spec.G
+    ks, vf = k.to(spec.cd) * spec.scale, v.to(spec.cd)
+    qr = _rows(q.to(spec.cd), spec)
+    o = torch.zeros(B, Hkv, spec.N, G, spec.dv, dtype=spec.cd, device=q.device)
+    lse = torch.full((B, Hkv, spec.N, G, 1), math.inf, dtype=spec.cd, device=q.device)
     for q0 in range(0, spec.N, bq):
         q1 = min(spec.N, q0 + bq)
         lo, hi = _key_span(spec, q0, q1)
         if hi <= lo:
             continue  # every row fully masked: O = 0, lse = +inf
-        n = q1 - q0
-        qs = qg[..., q0:q1, :].to(spec.cd).reshape(spec.B, spec.Hkv, spec.G * n, spec.d) * spec.scale
-        s, _ = _block_scores(qs, kf[..., lo:hi, :], spec)
-        _mask_block(s, spec, q0, q1, lo, hi)
+        n, span = q1 - q0, hi - lo
+        s = qr[:, :, q0:q1].reshape(B, Hkv, n * G, spec.d) @ ks[:, :, lo:hi].transpose(-1, -2)
+        if spec.softcap is not None:
+            s = _softcap(s, spec)[0]
+        _mask_block(s.view(B, Hkv, n, G, span), spec, q0, q1, lo, hi)
         m = s.amax(-1, keepdim=True)
         m = m.masked_fill_(torch.isneginf(m), 0.0)
         p = s.sub_(m).exp_()
         l = p.sum(-1, keepdim=True)
         alive = l > 0
         l_safe = torch.where(alive, l, torch.ones((), dtype=l.dtype, device=l.device))
-        pv = (p.view(spec.B, spec.Hkv, spec.G * n, hi - lo) @ vf[..., lo:hi, :]).view(
-            spec.B, spec.Hkv, spec.G, n, spec.dv)
-        og[..., q0:q1, :] = (pv / l_safe).to(q.dtype)
-        lg[..., q0:q1] = torch.where(alive, m + torch.log(l_safe), math.inf)[..., 0]
-    return o, lse
+        o[:, :, q0:q1] = ((p @ vf[:, :, lo:hi]) / l_safe).view(B, Hkv, n, G, spec.dv)
+        lse[:, :, q0:q1] = torch.where(alive, m + torch.log(l_safe), math.inf).view(B, Hkv, n, G, 1)
+    return _unrows(o, spec).to(q.dtype), _unrows(lse, spec)[..., 0]
 
 
 def relevance_input(grad_o, o, spec: _Spec, relevance: bool) -> torch.Tensor:
@@ -302,46 +311,50 @@ def attnlrp_backward_torch(grad_o, q, k, v, o, lse, spec: _Spec, relevance: bool
     """``(G_Q, G_K, G_V)`` (relevance view: ``R_Q, R_K, R_V``) block by block over queries."""
     bq = _block_rows(spec, block_size)
     attn = spec.rule == "attnlrp"
-    B, Hkv, G = spec.B, spec.Hkv, spec.G
+    B, Hkv, G, d, dv = spec.B, spec.Hkv, spec.G, spec.d, spec.dv
     h = relevance_input(grad_o, o, spec, relevance)
-    dsum = (h * o.to(spec.cd)).sum(-1, keepdim=True)  # D = rowsum(H * O)
-    hg, dg = _grouped(h, spec), _grouped(dsum, spec)
-    qg, lg = _grouped(q, spec), lse.view(B, Hkv, G, spec.N, 1)
-    kf, vf = k.to(spec.cd), v.to(spec.cd)
-    gv = torch.zeros(B, Hkv, spec.M, spec.dv, dtype=spec.cd, device=q.device)
-    gk = torch.zeros(B, Hkv, spec.M, spec.d, dtype=spec.cd, device=q.device) if attn else None
-    gq = torch.zeros(B, spec.Hq, spec.N, spec.d, dtype=spec.cd, device=q.device) if attn else None
-    gqg = _grouped(gq, spec) if attn else None
-    eps_s = abs(spec.scale) * spec.epsilon  # stab of S0, seen on the scaled logits
+    hr = _rows(h, spec)
+    dr = _rows((h * o.to(spec.cd)).sum(-1, keepdim=True), spec)  # D = rowsum(H * O)
+    lr = _rows(lse.to(spec.cd)[..., None], spec)
+    del h
+    qr = _rows(q.to(spec.cd), spec)
+    ks, vf = k.to(spec.cd) * spec.scale, v.to(spec.cd)
+    gv = torch.zeros(B, Hkv, spec.M, dv, dtype=spec.cd, device=q.device)
+    gk = torch.zeros(B, Hkv, spec.M, d, dtype=spec.cd, device=q.device) if attn else None
+    gqr = torch.zeros(B, Hkv, spec.N, G, d, dtype=spec.cd, device=q.device) if attn else None
+    eps_s = abs(spec.scale) * spec.epsilon  # stab of S0, seen on the scaled scores
     for q0 in range(0, spec.N, bq):
         q1 = min(spec.N, q0 + bq)
         lo, hi = _key_span(spec, q0, q1)
         if hi <= lo:
             continue
         n, span = q1 - q0, hi - lo
-        qs = qg[..., q0:q1, :].to(spec.cd).reshape(B, Hkv, G * n, spec.d) * spec.scale
-        kb, vb = kf[..., lo:hi, :], vf[..., lo:hi, :]
-        s, cap = _block_scores(qs, kb, spec)
+        qb = qr[:, :, q0:q1].reshape(B, Hkv, n * G, d)
+        hb = hr[:, :, q0:q1].reshape(B, Hkv, n * G, dv)
+        kb, vb = ks[:, :, lo:hi], vf[:, :, lo:hi]
+        s = qb @ kb.transpose(-1, -2)
         if attn:  # S0 / stab(S0), before masking turns S into -inf
-            r = s.abs() if cap is None else (qs @ kb.transpose(-1, -2)).view(s.shape).abs_()
+            r = s.abs()
             r = r.div_(r + eps_s)
-        _mask_block(s, spec, q0, q1, lo, hi)
-        p = s.sub_(lg[..., q0:q1, :]).exp_()  # P; 0 where masked and on fully masked rows
-        hb = hg[..., q0:q1, :].reshape(B, Hkv, G * n, spec.dv)
-        # G_V = sum over the group's heads of P^T @ H
-        gv[:, :, lo:hi] += p.view(B, Hkv, G * n, span).transpose(-1, -2) @ hb
+        cap = None
+        if spec.softcap is not None:
+            s, cap = _softcap(s, spec)
+        _mask_block(s.view(B, Hkv, n, G, span), spec, q0, q1, lo, hi)
+        p = s.sub_(lr[:, :, q0:q1].reshape(B, Hkv, n * G, 1)).exp_()  # 0 where masked / dead rows
+        gv[:, :, lo:hi] += p.transpose(-1, -2) @ hb                    # G_V = P^T @ H (group sum)
         if not attn:
             continue
-        t = (hb @ vb.transpose(-1, -2)).view(s.shape)                  # H @ V^T
-        t = t.sub_(dg[..., q0:q1, :]).mul_(p)                          # G_S
+        t = (hb @ vb.transpose(-1, -2)).sub_(dr[:, :, q0:q1].reshape(B, Hkv, n * G, 1)).mul_(p)  # G_S
         del p, s
         if cap is not None:
-            t.mul_(cap)                                                # identity rule on tanh
-        t.mul_(r)                                                      # 2 T = G_S S0 / stab(S0)
+            t.mul_(cap)                                   # identity rule on tanh
+        t.mul_(r)                                         # 2 T = G_S * S0 / stab(S0)
         del r
-        t2 = t.view(B, Hkv, G * n, span)
-        gqg[..., q0:q1, :] = (t2 @ kb).mul_(0.5 * spec.scale).view(B, Hkv, G, n, spec.d)
-        gk[:, :, lo:hi] += (t2.transpose(-1, -2) @ qs).mul_(0.5)
+        gqr[:, :, q0:q1] = (t @ kb).view(B, Hkv, n, G, d)  # 2 G_Q (K pre-scaled)
+        gk[:, :, lo:hi] += t.transpose(-1, -2) @ qb        # 2 G_K / scale
+    if attn:
+        gq = _unrows(gqr, spec).mul_(0.5)
+        gk = gk.mul_(0.5 * spec.scale)
     if relevance:
         gv = gv * v.to(spec.cd)
         if attn:
@@ -410,7 +423,7 @@ def attnlrp_attention(
         rule: ``"attnlrp"`` or ``"cp-lrp"`` (no relevance through the softmax path).
         relevance: False = gradient view (what model patches use), True = relevance view.
         impl: ``"auto"``, ``"eager"``, ``"chunked"`` (PyTorch, memory-lean) or ``"flash"`` (Triton).
-        block_size: query rows per block for ``chunked`` (default: about 2M scores, >= 64 rows).
+        block_size: query rows per block for ``chunked`` (default: about 4M scores, >= 32 rows).
 
     Returns:
         ``O`` ``[B, Hq, N, dv]`` in the inputs' dtype (fp32 accumulation).

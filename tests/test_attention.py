@@ -42,6 +42,7 @@ CASES = {
     "plain": (2, 2, 2, 37, 37, 16, {}, None),
     "causal": (2, 2, 2, 37, 37, 32, {"is_causal": True}, None),
     "causal_kv_cache": (1, 2, 2, 9, 45, 16, {"is_causal": True}, None),
+    "causal_fewer_keys": (1, 4, 2, 45, 37, 16, {"is_causal": True}, None),  # first 8 rows see no key
     "pad_left": (2, 2, 2, 37, 37, 16, {"is_causal": True}, "left"),
     "pad_right": (2, 2, 2, 37, 37, 16, {}, "right"),
     "gqa": (2, 4, 2, 37, 45, 16, {}, None),
