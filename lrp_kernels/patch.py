@@ -18,6 +18,7 @@ registering two new attention *names* in transformers' AttentionInterface):
 * gives every module that holds a config a *copy* of it whose attention implementation is
   ``lrp_kernels_attnlrp`` (or ``lrp_kernels_cplrp``): the registered adapter
   (:mod:`lrp_kernels.models._attention`) calls :func:`lrp_kernels.attention.attnlrp_attention`;
+  the copy also has ``use_cache=False`` (no KV cache while explaining);
 * freezes every parameter (``requires_grad=False``): parameters receive no gradient;
 * on ``remove()``: every attribute it set is restored (the same config objects, forwards,
   ``requires_grad`` flags); module objects and ``state_dict`` are never touched.
@@ -156,6 +157,8 @@ def _swap_configs(handle: PatchHandle, model: nn.Module, attn_name: str, impl: s
             new = copy.copy(config)
             object.__setattr__(new, "_attn_implementation_internal", attn_name)
             object.__setattr__(new, OPTIONS_ATTR, {"epsilon": handle.epsilon, "impl": impl})
+            if getattr(new, "use_cache", None):
+                new.use_cache = False  # explaining needs no KV cache (a call may still pass use_cache=True)
             copies[id(config)] = new
         handle.set_attr(m, "config", copies[id(config)])
 

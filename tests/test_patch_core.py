@@ -47,6 +47,19 @@ def test_two_models_only_the_patched_one_changes():
     assert all("forward" not in vars(m) for m in a.modules())
 
 
+def test_two_models_patched_at_once_keep_their_own_rules():
+    a, b = _llama(torch.float64), _llama(torch.float64)
+    emb = _embeds(a, torch.randint(1, 100, (1, 6)))
+    with lrp_kernels.patch(a, rules="attnlrp"):
+        ref_a = _input_relevance(a, emb)
+    with lrp_kernels.patch(b, rules="cp-lrp", epsilon=1e-2):
+        ref_b = _input_relevance(b, emb)
+    with lrp_kernels.patch(a, rules="attnlrp"), lrp_kernels.patch(b, rules="cp-lrp", epsilon=1e-2):
+        assert torch.equal(_input_relevance(a, emb), ref_a)
+        assert torch.equal(_input_relevance(b, emb), ref_b)
+    assert not torch.allclose(ref_a, ref_b)
+
+
 def test_remove_restores_flags_and_shared_config():
     model = _llama()
     model.lm_head.weight.requires_grad_(False)
@@ -107,8 +120,9 @@ def test_bad_arguments():
         lrp_kernels.patch("llama")
 
 
-@pytest.mark.parametrize("family", ["llama", "mixtral", "bert"])
-def test_gradient_checkpointing_same_relevance(family):
+@pytest.mark.parametrize("family, reentrant", [("llama", False), ("llama", True), ("mixtral", False),
+                                               ("bert", False)])
+def test_gradient_checkpointing_same_relevance(family, reentrant):
     model, kind = build(family)
     model = model.float()
     if family == "bert":  # dropout active in train mode: the patch must neutralise it
@@ -117,7 +131,7 @@ def test_gradient_checkpointing_same_relevance(family):
               for k, v in make_inputs(model, kind).items()}
     with lrp_kernels.patch(model):
         plain, _ = relevance(model, kind, inputs)
-    model.gradient_checkpointing_enable()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     model.train()
     for m in model.modules():  # dropout modules set from the config at build time
         if isinstance(m, nn.Dropout):
