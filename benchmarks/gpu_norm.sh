@@ -38,7 +38,7 @@ src = open("tests/test_cpp_norm.py").read()
 code = re.search(r'_CUDA_SELFTEST = r"""(.*?)"""', src, re.S).group(1)
 open(sys.argv[1], "w").write(code)
 PYEOF
-step norm_cuda_build 300 "$NVCC" -std=c++17 -O2 --fmad=false -arch=native -Icsrc "$BUILD/selftest.cu" -o "$BUILD/selftest"
+step norm_cuda_build 300 "$NVCC" -std=c++17 -O2 --fmad=false -arch=native -I"$(ls -d lrp_kernels/csrc 2>/dev/null || echo csrc)" "$BUILD/selftest.cu" -o "$BUILD/selftest"
 step norm_cuda_selftest 120 "$BUILD/selftest"
 
 # 2. through torch, when it has CUDA

@@ -40,6 +40,7 @@ dispatch._ensure_loaded("cpp")
 from lrp_kernels import _cpp  # noqa: E402  (registered by the line above, as dispatch does it)
 
 REPO = Path(__file__).resolve().parents[1]
+CSRC = _cpp.source_dir() or REPO / "csrc"  # shipped in the package, or the checkout's top level
 OPS = ("rms_norm_forward", "rms_norm_backward", "layer_norm_forward", "layer_norm_backward")
 SHAPES = [(37,), (5, 67), (2, 3, 129), (3, 1000), (2, 1)]  # 1-D, 2-D, batched, odd / tiny hidden
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -333,7 +334,7 @@ def test_missing_toolchain_falls_back_with_one_warning(fresh_state, monkeypatch,
 def test_build_error_falls_back_with_log(fresh_state, monkeypatch, tmp_path):
     """A broken source: auto falls back (one warning naming the log), a forced cpp raises."""
     src = tmp_path / "csrc"
-    shutil.copytree(REPO / "csrc", src)
+    shutil.copytree(CSRC, src)
     for name in _cpp.CPU_SOURCES:  # every file fails at once: ninja waits for running compiles
         text = (src / name).read_text()
         # a missing header is fatal at once (#error would still parse the torch headers)
@@ -361,7 +362,7 @@ def test_cache_dir_follows_sources_and_env(fresh_state, monkeypatch, tmp_path):
     d1 = _cpp.build_dir()
     assert d1.parent == tmp_path / "a" and d1.name.startswith(_cpp.EXT_NAME + "-")
     src = tmp_path / "csrc"
-    shutil.copytree(REPO / "csrc", src)
+    shutil.copytree(CSRC, src)
     (src / "norm_cpu.cpp").write_text((src / "norm_cpu.cpp").read_text() + "\n// changed\n")
     monkeypatch.setattr(_cpp, "source_dir", lambda: src)
     monkeypatch.setattr(_cpp, "_STATE", _cpp._State())
@@ -559,7 +560,7 @@ def cuda_selftest(tmp_path_factory):
     d = tmp_path_factory.mktemp("cuda")
     (d / "selftest.cu").write_text(_CUDA_SELFTEST)
     exe = d / "selftest"
-    proc = subprocess.run([nvcc, "-std=c++17", "-O2", "--fmad=false", "-arch=sm_80", f"-I{REPO / 'csrc'}",
+    proc = subprocess.run([nvcc, "-std=c++17", "-O2", "--fmad=false", "-arch=sm_80", f"-I{CSRC}",
                            "--extended-lambda", str(d / "selftest.cu"), "-o", str(exe)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
