@@ -278,10 +278,21 @@ class BuildLock:
 
 # ---- build / load ----------------------------------------------------------------------------
 
+def _built_so(directory: Path) -> Optional[Path]:
+    """The finished library in ``directory`` (named in the ready marker), or ``None``."""
+    try:
+        info = json.loads((directory / _READY_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    # torch names the module <name>_v<k> when one process builds twice with different sources
+    so = directory / info.get("library", f"{EXT_NAME}.so")
+    return so if so.is_file() else None
+
+
 def _import_so(path: Path) -> ModuleType:
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(EXT_NAME, path)
+    spec = importlib.util.spec_from_file_location(path.name.split(".")[0], path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -294,8 +305,8 @@ def _build(directory: Path, with_cuda: bool, verbose: bool) -> ModuleType:
     sources = [str(src / s) for s in CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())]
     directory.mkdir(parents=True, exist_ok=True)
     with BuildLock(directory):
-        so = directory / f"{EXT_NAME}.so"
-        if (directory / _READY_MARKER).exists() and so.exists():  # built meanwhile by another process
+        so = _built_so(directory)
+        if so is not None:  # built meanwhile by another process
             return _import_so(so)
         print(f"lrp_kernels: building the C++ extension (once; ~30-60 s) in {directory}",
               file=sys.stderr, flush=True)
@@ -311,6 +322,7 @@ def _build(directory: Path, with_cuda: bool, verbose: bool) -> ModuleType:
             raise BuildError(f"build failed: {first[:200]} (full log: {log})") from err
         _STATE.build_seconds = time.perf_counter() - t0
         (directory / _READY_MARKER).write_text(json.dumps({
+            "library": Path(module.__file__).name,
             "seconds": round(_STATE.build_seconds, 1), "torch": torch.__version__,
             "python": platform.python_version(), "with_cuda": with_cuda, "sources": sources}))
         return module
@@ -334,8 +346,8 @@ def load_extension(verbose: bool = False) -> ModuleType:
                 raise BuildError(problem)
             directory, with_cuda = _key()
             _STATE.build_dir = directory
-            so = directory / f"{EXT_NAME}.so"
-            if (directory / _READY_MARKER).exists() and so.exists():
+            so = _built_so(directory)
+            if so is not None:
                 _STATE.module = _import_so(so)
             else:
                 _STATE.module = _build(directory, with_cuda, verbose)
@@ -358,7 +370,7 @@ def is_built() -> bool:
         d = build_dir()
     except BuildError:
         return False
-    return (d / _READY_MARKER).exists() and (d / f"{EXT_NAME}.so").exists()
+    return _built_so(d) is not None
 
 
 def probe() -> tuple[bool, str]:
