@@ -51,6 +51,7 @@ CASES = {
     "softcap": (1, 2, 2, 37, 37, 16, {"softcap": 3.0, "scale": 0.5}, None),
     "float_mask": (2, 2, 2, 37, 37, 64, {}, "float"),
     "head_mask": (1, 2, 1, 21, 37, 16, {}, "head_bool"),
+    "odd_head_dim": (1, 2, 1, 21, 21, 24, {"is_causal": True}, None),
 }
 
 
