@@ -74,6 +74,7 @@ class _State:
         self.build_dir: Optional[Path] = None
         self.build_seconds: Optional[float] = None  # None: loaded from the cache
         self.key: Optional[tuple] = None  # (build dir, with_cuda), computed once per process
+        self.toolchain_ok = False  # compiler, ninja and sources found (checked until they are)
 
 
 _STATE = _State()
@@ -383,11 +384,13 @@ def probe() -> tuple[bool, str]:
     if _STATE.error is not None:
         _warn_once(_STATE.error)
         return False, _STATE.error
-    problem = toolchain_problem()
-    if problem:
-        _STATE.error = problem
-        _warn_once(problem)
-        return False, problem
+    if not _STATE.toolchain_ok:  # the probe runs on every `auto` call: check once
+        problem = toolchain_problem()
+        if problem:
+            _STATE.error = problem
+            _warn_once(problem)
+            return False, problem
+        _STATE.toolchain_ok = True
     try:
         d = build_dir()
     except BuildError as err:
