@@ -2,8 +2,8 @@
 
 One forward and one backward per call (per generated token with ``generate=``)::
 
-    exp = lrp_kernels.explain(model, tokenizer, "k7 = 23 ; k3 = 19 ; ? k3 =")
-    exp.target.text, exp.top(3)          # '19', [('19', 0.61), (' k3', 0.2), ...]
+    exp = lrp_kernels.explain(model, tokenizer, "k7 23 ; k3 19 ; ? k3")
+    exp.target.text, exp.top(3)          # '19', [(index, token, relevance), ...]
     exp.to_html("heatmap.html")
 
 How relevance is obtained (gradient view of SPEC.md): the model is patched with

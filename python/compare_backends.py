@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", default=None, help="comma-separated backends (default: all available)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--model", default=SHIPPED_MODEL)
-    ap.add_argument("--prompt", default="k7 = 23 ; k3 = 19 ; k12 = 5 ; ? k3 =")
+    ap.add_argument("--prompt", default="k7 23 ; k3 19 ; k12 5 ; ? k3")
     args = ap.parse_args(argv)
 
     sizes = cmp.parse_sizes(args.sizes)

@@ -2,7 +2,7 @@
 """Explain one prompt with AttnLRP and write a heatmap (HTML, PNG, PDF or JSON).
 
     python python/explain_prompt.py                       # the shipped recall model, demo prompt
-    python python/explain_prompt.py "k1 = 4 ; k9 = 30 ; ? k9 =" --out heatmap.html
+    python python/explain_prompt.py "k1 4 ; k9 30 ; ? k9" --out heatmap.html
     python python/explain_prompt.py "The capital of France is" --model path/to/llama --generate 3
 
 The same as ``lrp-kernels explain``, written out as the few lines of Python a user needs.
@@ -22,7 +22,7 @@ from lrp_kernels.cli.explain import SHIPPED_MODEL
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("prompt", nargs="?", default="k7 = 23 ; k3 = 19 ; k12 = 5 ; k0 = 31 ; ? k3 =")
+    ap.add_argument("prompt", nargs="?", default="k7 23 ; k3 19 ; k12 5 ; k0 31 ; ? k3")
     ap.add_argument("--model", default=SHIPPED_MODEL, help="local folder or hub id")
     ap.add_argument("--target", default=None, help="token to explain (default: the prediction)")
     ap.add_argument("--contrast", default=None, help="foil token: explain target minus foil")

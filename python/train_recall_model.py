@@ -1,23 +1,29 @@
 #!/usr/bin/env python
 """Train the tiny key-value recall Llama shipped in ``lrp_kernels/assets/recall-llama``.
 
-Task (word-level tokens, whitespace separated)::
+Task (word-level tokens, whitespace separated; the tokenizer prepends ``<bos>``)::
 
-    k7 = 23 ; k3 = 19 ; k12 = 5 ; ? k3 =      ->  19
+    k7 23 ; k3 19 ; k12 5 ; ? k3      ->  19
 
 The answer is the value of the queried key, so it depends on exactly one known span of the
-prompt: the queried pair ``k3 = 19``. That makes the model a ground truth for attribution
+prompt: the queried pair ``k3 19``. That makes the model a ground truth for attribution
 quality (tests/test_shipped_model.py, benchmarks/bench_attribution_quality.py).
 
 Why the set-up looks like this (tiny transformers learn recall abruptly, or not at all):
 
-* multi-query training sequences (``... ; ? k3 = 19 ; ? k7 = 23 ;``): every query gives a
-  supervised answer position, so the recall signal per sequence is several times larger
-  than with one query; loss is taken on every position (the random keys/values only add a
-  constant entropy floor, the structure tokens and answers carry the signal);
-* a curriculum from 2 pairs up to MAX_PAIRS, advanced whenever held-out accuracy on the
-  current level reaches 95%; training stops when held-out accuracy on single-query prompts
-  with 1..MAX_PAIRS pairs (the shipped prompt format) reaches the target.
+* the value follows its key directly and the query ends on the key (``? k3``): recall is then
+  the classic induction circuit (a previous-token head writes ``k3`` into the position of
+  ``19``; a second-layer head matches the query ``k3`` against it and copies ``19``). With a
+  separator (``k3 = 19``, query ``? k3 =``) two different positional heads are needed and the
+  same 2-layer model stayed at chance for 6000+ steps (``--format eq`` keeps that variant);
+* multi-query training sequences (``... ; ? k3 19 ; ? k7 23 ; ...``, 8 queries): every query
+  gives a supervised answer, and the loss is taken on the answers only (``--loss answers``):
+  keys and values in the context are uniformly random, so their loss is a constant floor
+  that only adds gradient noise;
+* at least 2 pairs per sequence (a single pair teaches copying, not matching) and a
+  curriculum from 2 pairs up to MAX_PAIRS, advanced whenever held-out accuracy on the current
+  level reaches 95%; training stops when held-out accuracy on single-query prompts with
+  1..MAX_PAIRS pairs (the shipped prompt format) reaches the target (98%).
 
 Deterministic: fixed seeds, CPU, one thread, deterministic algorithms. Run::
 
@@ -38,9 +44,21 @@ NUM_VALUES = 40
 MAX_PAIRS = 8
 SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>"]
 PUNCT = ["=", ";", "?"]
+# "eq": pairs "k3 = 19 ;", query "? k3 ="; "plain": pairs "k3 19 ;", query "? k3".
+# "plain" is the classic induction set-up (the value follows its key directly, the query ends
+# on the key), which a 2-layer model learns with a single previous-token head.
+FORMAT = "plain"
 KEYS = [f"k{i}" for i in range(NUM_KEYS)]
 VALUES = [str(v) for v in range(NUM_VALUES)]
 VOCAB = SPECIALS + PUNCT + KEYS + VALUES
+
+
+def use_format_of(model_dir: str) -> str:
+    """Switch this module's prompt format to the one a saved model was trained on."""
+    global FORMAT
+    with open(os.path.join(model_dir, "metadata.json")) as f:
+        FORMAT = json.load(f)["format"]
+    return FORMAT
 
 
 def make_pairs(rng: random.Random, n_pairs: int) -> List[Tuple[str, str]]:
@@ -58,36 +76,70 @@ def make_prompt(rng: random.Random, n_pairs: int) -> dict:
     q = rng.randrange(n_pairs)
     words: List[str] = []
     for k, v in pairs:
-        words += [k, "=", v, ";"]
-    words += ["?", pairs[q][0], "="]
+        words += _pair(k, v)
+    words += _query(pairs[q][0])
+    w = _width()
+    span = [w * q + i for i in range(w - 1)]  # the pair without its ';'
     return {"prompt": " ".join(words), "answer": pairs[q][1], "pairs": pairs, "query": q,
-            "span_words": [4 * q, 4 * q + 1, 4 * q + 2], "query_word": len(words) - 2}
+            "span_words": span, "query_word": w * n_pairs + 1}
+
+
+def _width() -> int:
+    return 4 if FORMAT == "eq" else 3
+
+
+def _pair(k: str, v: str) -> List[str]:
+    return [k, "=", v, ";"] if FORMAT == "eq" else [k, v, ";"]
+
+
+def _query(k: str) -> List[str]:
+    return ["?", k, "="] if FORMAT == "eq" else ["?", k]
 
 
 def answer_span_hit(relevance, example: dict) -> bool:
     """Attribution hit: the most relevant *context* token lies in the answer span.
 
     ``relevance`` has one value per token of ``<bos> + prompt.split()``. The context is the
-    pairs part (word indices ``0 .. 4 * n_pairs - 1``, i.e. without ``<bos>`` and without the
-    query suffix ``? kQ =``, which every prompt shares in role); the answer span is the queried
-    pair ``kQ = V`` (3 words, the ``;`` after it excluded). A hit: the arg-max of the signed
-    relevance over the context falls on one of those 3 tokens.
+    pairs part (word indices ``0 .. width * n_pairs - 1``, i.e. without ``<bos>`` and without
+    the query suffix ``? kQ``, which every prompt shares in role); the answer span is the
+    queried pair ``kQ V`` (``kQ = V`` in the "eq" format; the ``;`` after it excluded). A hit:
+    the arg-max of the signed relevance over the context falls on one of the span's tokens.
     """
-    n_ctx = 4 * len(example["pairs"])
+    n_ctx = _width() * len(example["pairs"])
     ctx = [float(r) for r in relevance[1:1 + n_ctx]]
     best = max(range(n_ctx), key=lambda i: ctx[i])
     return best in example["span_words"]
+
+
+def span_precision(relevance, example: dict) -> float:
+    """Stricter: the fraction of the answer span's tokens among the ``len(span)`` most relevant
+    context tokens (1.0: the span's tokens are exactly the top ones)."""
+    n_ctx = _width() * len(example["pairs"])
+    ctx = [float(r) for r in relevance[1:1 + n_ctx]]
+    k = len(example["span_words"])
+    top = sorted(range(n_ctx), key=lambda i: -ctx[i])[:k]
+    return len(set(top) & set(example["span_words"])) / k
+
+
+def chance_hit_rate(example: dict) -> float:
+    """Hit probability of a random attribution."""
+    return len(example["span_words"]) / (_width() * len(example["pairs"]))
 
 
 def make_training_text(rng: random.Random, n_pairs: int, n_queries: int) -> str:
     pairs = make_pairs(rng, n_pairs)
     words: List[str] = []
     for k, v in pairs:
-        words += [k, "=", v, ";"]
+        words += _pair(k, v)
     for i in range(n_queries):
         k, v = pairs[rng.randrange(n_pairs)]
-        words += ["?", k, "=", v, ";"]
+        words += _query(k) + [v, ";"]
     return " ".join(words)
+
+
+def example_text() -> str:
+    ex = {"eq": "k7 = 23 ; k3 = 19 ; k12 = 5 ; ? k3 =", "plain": "k7 23 ; k3 19 ; k12 5 ; ? k3"}
+    return f"{ex[FORMAT]}  ->  19"
 
 
 def build_tokenizer():
@@ -123,12 +175,13 @@ def batch(tokenizer, rng: random.Random, size: int, n_pairs: int, n_queries: int
 
 
 def answer_mask(ids):
-    """True at the answer tokens of queries: the token after ``? k =`` (3 after a ``?``)."""
+    """True at the answer tokens of queries: the token after the query ``? k =`` / ``? k``."""
     import torch
     q = VOCAB.index("?")
+    n = len(_query("k0"))
     is_q = ids == q
     mask = torch.zeros_like(is_q)
-    mask[:, 3:] = is_q[:, :-3]
+    mask[:, n:] = is_q[:, :-n]
     return mask
 
 
@@ -148,18 +201,20 @@ def evaluate(model, tokenizer, examples: Sequence[dict]) -> float:
 
 
 def main(argv=None) -> int:
+    global FORMAT
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="lrp_kernels/assets/recall-llama")
-    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--max-steps", type=int, default=30000)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--target-accuracy", type=float, default=0.98)
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--format", choices=("eq", "plain"), default=FORMAT)
+    ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=2)
     ap.add_argument("--loss", choices=("all", "answers"), default="answers",
                     help="cross-entropy on every position, or on the query answers only")
     ap.add_argument("--queries", type=int, default=8,
@@ -167,6 +222,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import torch
+    FORMAT = args.format
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     torch.use_deterministic_algorithms(True)
@@ -229,37 +285,39 @@ def main(argv=None) -> int:
     tokenizer.save_pretrained(args.out)
     meta = {
         "task": "key-value recall",
-        "format": "k<i> = <v> ; ... ; ? k<q> =  ->  <value of k<q>>",
+        "format": FORMAT, "example": example_text(),
         "keys": KEYS, "values": VALUES, "max_pairs": MAX_PAIRS,
-        "answer_span": "the queried pair 'k<q> = <v>' in the context (3 tokens)",
+        "answer_span": f"the queried pair in the context ({_width() - 1} tokens, without ';')",
         "heldout_accuracy": round(acc_final, 4), "heldout_accuracy_max_pairs": round(acc_max, 4),
         "heldout_examples": 1000, "steps": step, "batch_size": args.batch_size, "lr": args.lr,
         "seed": args.seed, "torch": torch.__version__,
         "command": "nice python python/train_recall_model.py --out lrp_kernels/assets/recall-llama"
                    f" --seed {args.seed} --lr {args.lr} --queries {args.queries} --loss {args.loss}"
-                   f" --batch-size {args.batch_size} --hidden {args.hidden} --layers {args.layers}"
+                   f" --format {args.format} --batch-size {args.batch_size} --hidden {args.hidden} --layers {args.layers}"
                    f" --heads {args.heads}",
         "train_seconds": round(time.time() - t0),
     }
     with open(os.path.join(args.out, "metadata.json"), "w") as f:
         json.dump(meta, f, indent=2)
     with open(os.path.join(args.out, "README.md"), "w") as f:
-        f.write(README.format(**meta, pairs=MAX_PAIRS, nk_1=NUM_KEYS - 1, nv_1=NUM_VALUES - 1))
+        f.write(README.format(**meta, pairs=MAX_PAIRS, nk_1=NUM_KEYS - 1, nv_1=NUM_VALUES - 1,
+                              layers=args.layers, hidden=args.hidden, heads=args.heads,
+                              params=sum(p.numel() for p in model.parameters())))
     return 0
 
 
 README = """# recall-llama: a tiny key-value recall Llama (attribution ground truth)
 
-A 2-layer `LlamaForCausalLM` (hidden 128, 4 heads, context 64, ~0.35 M parameters) with a
+A {layers}-layer `LlamaForCausalLM` (hidden {hidden}, {heads} heads, context 64, {params} parameters) with a
 word-level tokenizer, trained from scratch by `python/train_recall_model.py` on synthetic
 key-value recall. Ships with `lrp_kernels` so `lrp-kernels explain` works offline.
 
 Prompt format (tokens separated by single spaces; the tokenizer prepends `<bos>`):
 
-    k7 = 23 ; k3 = 19 ; k12 = 5 ; ? k3 =        ->   19
+    {example}
 
 keys `k0`..`k{nk_1}`, values `0`..`{nv_1}`, 1..{pairs} pairs with distinct keys, one query.
-The answer depends on exactly one span, the queried pair `k3 = 19`, so a faithful attribution
+The answer depends on exactly one span, the queried pair (`k3 ... 19`), so a faithful attribution
 must put its largest context relevance there (tests/test_shipped_model.py,
 benchmarks/bench_attribution_quality.py).
 

@@ -17,16 +17,16 @@ def run(*argv, timeout=600):
 
 def test_explain_prompt(tmp_path):
     out = tmp_path / "e.json"
-    proc = run("python/explain_prompt.py", "k4 = 11 ; k9 = 30 ; ? k9 =", "--out", str(out))
+    proc = run("python/explain_prompt.py", "k4 11 ; k9 30 ; ? k9", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "target '30'" in proc.stdout
     d = json.loads(out.read_text())
-    assert d["target"]["text"] == "30" and len(d["relevance"]) == 12
+    assert d["target"]["text"] == "30" and len(d["relevance"]) == 9
 
 
 def test_explain_prompt_generate_html(tmp_path):
     out = tmp_path / "g.html"
-    proc = run("python/explain_prompt.py", "k4 = 11 ; ? k4 =", "--generate", "2", "--out", str(out))
+    proc = run("python/explain_prompt.py", "k4 11 ; k2 6 ; ? k4", "--generate", "2", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "g-0.html").exists() and (tmp_path / "g-1.html").exists()
 

@@ -14,13 +14,13 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 EPILOG = """\
 examples:
-  lrp-kernels explain "k7 = 23 ; k3 = 19 ; ? k3 =" --out heatmap.html
-  echo "k1 = 5 ; ? k1 =" | lrp-kernels explain - --out heatmap.json
+  lrp-kernels explain "k7 23 ; k3 19 ; k12 5 ; ? k3" --out heatmap.html
+  echo "k1 5 ; k4 8 ; ? k1" | lrp-kernels explain - --out heatmap.json
   lrp-kernels explain --file prompt.txt --model path/or/hub-id --generate 5 --out gen.html
-  lrp-kernels explain "k2 = 7 ; k9 = 3 ; ? k2 =" --target 7 --contrast 3
+  lrp-kernels explain "k2 7 ; k9 3 ; ? k2" --target 7 --contrast 3
 
 The default model is the tiny key-value recall Llama shipped with lrp_kernels
-(prompts like "k7 = 23 ; k3 = 19 ; ? k3 =", answer "19").
+(prompts like "k7 23 ; k3 19 ; ? k3", answer "19": the value of the queried key).
 With --generate N and an output path, step i is written to NAME-i.EXT.
 """
 
