@@ -270,3 +270,22 @@ def test_cuda_patch_matches_cpu_float64(dtype):
     got = got.double().sum(-1).cpu()
     err = ((got - ref).norm() / ref.norm()).item()
     assert err < (2e-2 if dtype == torch.float32 else 8e-2), f"relative error {err:.3e}"
+
+
+def test_fused_linear_path_equals_lean_cpu_path(monkeypatch):
+    """CPU uses plain GEMM + output scaling for nn.Linear; a forced non-torch backend (and CUDA)
+    routes through the dispatched grad.linear_epsilon kernel: both must agree."""
+    status = lrp_kernels.available_backends().get("cpp", {})
+    if not status.get("available", False):
+        pytest.skip(f"cpp backend unavailable: {status}")
+    model = _llama(torch.float64)
+    emb = _embeds(model, torch.randint(1, 100, (2, 7)))
+    with lrp_kernels.patch(model, epsilon=1e-3):
+        lean = _input_relevance(model, emb)
+    calls = []
+    original = lrp_kernels.grad.linear_epsilon
+    monkeypatch.setattr(lrp_kernels.grad, "linear_epsilon", lambda *a, **k: calls.append(1) or original(*a, **k))
+    with lrp_kernels.patch(model, epsilon=1e-3, backend="cpp"):
+        fused = _input_relevance(model, emb)
+    assert len(calls) == 2 * 7 + 1  # every nn.Linear went through the dispatched op
+    torch.testing.assert_close(fused, lean, rtol=1e-10, atol=1e-13)

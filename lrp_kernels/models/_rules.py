@@ -4,7 +4,9 @@ Each ``install_*`` takes the patch context, the module's name and the module, an
 one instance's forward (``ctx.rebind``) so the forward values are unchanged and the backward is
 the SPEC rule in the gradient view (relevance of ``t`` = ``t * t.grad``):
 
-* ``nn.Linear`` (plain forward)      -> :func:`lrp_kernels.grad.linear_epsilon` (dispatched kernel)
+* ``nn.Linear`` (plain forward)      -> :func:`lrp_kernels.grad.linear_epsilon` (the dispatched
+  fused kernel) on CUDA; on CPU the same rule as the plain GEMM followed by
+  :class:`EpsilonOutputFn` (identical math, keeps only ``z``, not also ``x``)
 * GPT-2 ``Conv1D`` (``x @ W + b``)     -> the same, on ``W.T`` (a view, no copy)
 * any other module that acts linearly (``nn.Conv*d``, quantised linears such as bitsandbytes
   ``Linear4bit`` / ``Linear8bitLt``, GPTQ/AWQ ``QuantLinear``, subclasses of ``nn.Linear`` with
@@ -118,16 +120,30 @@ def is_dropout(module: nn.Module) -> bool:
 
 # ---- installers ----------------------------------------------------------------------------
 
+def _fused(ctx, x: torch.Tensor) -> bool:
+    """Use the dispatched linear_epsilon kernel (Triton on CUDA, or a forced non-torch backend);
+    on CPU the plain GEMM + output scaling below is the same math and saves less memory."""
+    return x.is_cuda or ctx.backend not in (None, "torch")
+
+
 def install_linear(ctx, name: str, module: nn.Linear) -> None:
     def forward(x):
-        return grad.linear_epsilon(x, module.weight, module.bias, ctx.epsilon, backend=ctx.backend)
+        if _fused(ctx, x):
+            return grad.linear_epsilon(x, module.weight, module.bias, ctx.epsilon, backend=ctx.backend)
+        # G_x = (G_z * z / stab(z)) @ W: the plain backward of F.linear (frozen W saves only W)
+        # after EpsilonOutputFn (saves z): no copy of x is kept
+        return EpsilonOutputFn.apply(torch.nn.functional.linear(x, module.weight, module.bias), ctx.epsilon)
     ctx.rebind(module, lambda orig: forward)
 
 
 def install_conv1d(ctx, name: str, module: nn.Module) -> None:
-    def forward(x):
-        return grad.linear_epsilon(x, module.weight.t(), module.bias, ctx.epsilon, backend=ctx.backend)
-    ctx.rebind(module, lambda orig: forward)
+    def make(orig):
+        def forward(x):
+            if _fused(ctx, x):
+                return grad.linear_epsilon(x, module.weight.t(), module.bias, ctx.epsilon, backend=ctx.backend)
+            return EpsilonOutputFn.apply(orig(x), ctx.epsilon)
+        return forward
+    ctx.rebind(module, make)
 
 
 def install_generic_epsilon(ctx, name: str, module: nn.Module) -> None:
