@@ -50,6 +50,8 @@ def build(name: str):
         return _build(tr.Qwen3MoeConfig, tr.Qwen3MoeForCausalLM, head_dim=8, num_experts=4, num_experts_per_tok=2,
                       moe_intermediate_size=24, norm_topk_prob=True, mlp_only_layers=[1],
                       experts_implementation="eager", **DECODER), "causal"
+    if name == "gemma":
+        return _build(tr.GemmaConfig, tr.GemmaForCausalLM, head_dim=8, **DECODER), "causal"
     if name == "gemma2":
         return _build(tr.Gemma2Config, tr.Gemma2ForCausalLM, head_dim=8, sliding_window=4,
                       attn_logit_softcapping=5.0, final_logit_softcapping=3.0, **DECODER), "causal"
@@ -76,7 +78,7 @@ def build(name: str):
     raise KeyError(name)
 
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemma2", "gemma3", "phi3", "gpt2", "bert",
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemma", "gemma2", "gemma3", "phi3", "gpt2", "bert",
             "t5", "vit")
 
 
@@ -207,7 +209,8 @@ def reference_model(model, rule: str = "attnlrp"):
         if isinstance(config, tr.PretrainedConfig):
             config._attn_implementation_internal = REF_NAME
             config._lrp_test_rule = rule
-    gated_products = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Gemma2MLP", "Gemma3MLP", "Qwen3MoeMLP"}
+    gated_products = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "GemmaMLP", "Gemma2MLP", "Gemma3MLP",
+                      "Qwen3MoeMLP"}
     for m in ref.modules():
         cls = type(m).__name__
         if cls in gated_products:
