@@ -227,16 +227,17 @@ def png_heatmap(tokens: Sequence[str], relevance, path: str, *, target: Optional
     n_lines = line + 1
     char_w, line_h = 0.1, 0.28  # inches at fontsize 10 monospace
     header = 0.5
-    fig = Figure(figsize=(width_chars * char_w + 0.4, n_lines * line_h + header + 0.3))
+    title = f"max |relevance| {m:.3g} (red: for, blue: against)"
+    if target is not None:
+        title = f"target: {target}   " + title
+    used = max([c + len(t) for _, c, t, _ in cells] + [int(len(title) * 0.9)])
+    fig = Figure(figsize=(min(width_chars, used) * char_w + 0.4, n_lines * line_h + header + 0.3))
     FigureCanvasAgg(fig)
     W, H = fig.get_size_inches()
     ax = fig.add_axes((0, 0, 1, 1))
     ax.set_xlim(0, W)
     ax.set_ylim(H, 0)
     ax.axis("off")
-    title = f"max |relevance| {m:.3g} (red: for, blue: against)"
-    if target is not None:
-        title = f"target: {target!r}   " + title
     ax.text(0.2, 0.3, title, fontsize=9, family="monospace", va="center")
     for ln, c, text, a in cells:
         x, y = 0.2 + c * char_w, header + ln * line_h
