@@ -289,3 +289,21 @@ def test_fused_linear_path_equals_lean_cpu_path(monkeypatch):
         fused = _input_relevance(model, emb)
     assert len(calls) == 2 * 7 + 1  # every nn.Linear went through the dispatched op
     torch.testing.assert_close(fused, lean, rtol=1e-10, atol=1e-13)
+
+
+def test_plain_torch_module_with_strict_false_conserves():
+    """No Hugging Face config: generic rules only (warned); epsilon + identity rules with zero
+    biases conserve relevance as eps -> 0."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 16), nn.Dropout(0.5), nn.Tanh(),
+                        nn.Linear(16, 3)).double().train()
+    for m in net:
+        if isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    with pytest.warns(UserWarning, match="no family"):
+        with lrp_kernels.patch(net, epsilon=1e-12, strict=False) as handle:
+            y = net(x)
+            y.sum().backward()
+    assert set(handle.applied.values()) == {"epsilon", "identity", "dropout-off"}
+    torch.testing.assert_close((x * x.grad).sum(), y.sum().detach(), rtol=1e-8, atol=0)
