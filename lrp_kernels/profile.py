@@ -245,11 +245,11 @@ def profile(model, seq_lens: Sequence[int], *, batch: int = 1, checkpointing: bo
 
 def format_table(rows: Sequence[dict]) -> str:
     """A fixed-width table of :func:`profile` rows."""
-    head = f"{'seq':>7} {'mode':<6} {'forward s':>10} {'backward s':>11} {'total s':>9} {'peak MiB':>10} {'x time':>7} {'x mem':>7}"
+    head = f"{'seq':>7} {'mode':<9} {'forward s':>10} {'backward s':>11} {'total s':>9} {'peak MiB':>10} {'x time':>7} {'x mem':>7}"
     lines = [head, "-" * len(head)]
     for r in rows:
         tr = f"{r['time_ratio']:.2f}" if "time_ratio" in r else ""
         mr = f"{r['memory_ratio']:.2f}" if "memory_ratio" in r else ""
-        lines.append(f"{r['seq']:>7} {r['mode']:<6} {r['forward_s']:>10.3f} {r['backward_s']:>11.3f} "
+        lines.append(f"{r['seq']:>7} {r['mode']:<9} {r['forward_s']:>10.3f} {r['backward_s']:>11.3f} "
                      f"{r['total_s']:>9.3f} {r['peak_bytes'] / 2**20:>10.1f} {tr:>7} {mr:>7}")
     return "\n".join(lines)
