@@ -29,7 +29,6 @@ rounded to bf16 for the dots, as in flash attention); fp16 inputs use fp32 (TF32
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
