@@ -23,7 +23,8 @@ Masks (all combine; a key is attended only if every one allows it):
 * ``is_causal``: query ``i`` sits at absolute position ``i + M - N`` (bottom-right aligned, as in
   Hugging Face with a KV cache) and attends to keys ``j <= i + M - N``.
 * ``sliding_window=w``: attends to keys with ``q_pos - k_pos < w`` (Hugging Face / Mistral
-  convention, ``kv_idx > q_idx - sliding_window``; positions aligned as for ``is_causal``).
+  convention, ``kv_idx > q_idx - sliding_window``; positions aligned as for ``is_causal``). It
+  only bounds how far back a query looks: combine it with ``is_causal`` for the usual band.
 
 Masked keys get exactly zero relevance; a fully masked query row outputs 0 and gets zero
 relevance (never NaN). Hugging Face's eager attention would output the mean of ``V`` for such
@@ -40,7 +41,9 @@ ops ``attnlrp_attention_forward`` / ``attnlrp_attention_backward``.
 
 In the relevance view, ``impl="eager"`` applies Deep Taylor to the biased logit ``S`` (the
 softmax rule's ``x``), so with a *finite non-zero* additive mask it differs from the fused paths,
-which use ``scale * S0``; with 0 / -inf masks (every Hugging Face mask) all agree.
+which use ``scale * S0``; with 0 / -inf masks (every Hugging Face mask) all agree. Likewise
+with a soft-cap its relevance view passes relevance through the tanh unchanged, while the fused
+paths apply the identity rule's ``x / stab(x)`` (a relative difference of about ``eps / |x|``).
 """
 from __future__ import annotations
 
