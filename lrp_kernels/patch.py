@@ -34,7 +34,6 @@ import copy
 import warnings
 from typing import Callable, Optional
 
-import torch
 from torch import nn
 
 from .models import Family, family_for

@@ -1,6 +1,5 @@
 """lrp_kernels.patch: instance scope, errors for unknown parts, checkpointing, padding, bf16,
 accelerate device maps, MoE router rule, quantised (non-nn.Linear) linears."""
-import warnings
 
 import pytest
 import torch

@@ -14,7 +14,6 @@ modules, turning each rule into its gradient-view meaning with detaches:
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 import transformers as tr

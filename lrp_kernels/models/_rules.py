@@ -31,7 +31,6 @@ from .. import grad
 from ..ops._common import compute_dtype, stabilize
 
 
-
 class EpsilonOutputFn(torch.autograd.Function):
     """Forward: ``y`` unchanged. Backward: ``G_y * y / stab(y)`` (in fp32 or higher).
 
