@@ -70,6 +70,10 @@ def build(name: str):
         return _build(tr.T5Config, tr.T5ForConditionalGeneration, d_model=32, d_kv=8, d_ff=48, num_layers=2,
                       num_decoder_layers=2, num_heads=4, vocab_size=100, feed_forward_proj="gated-gelu",
                       decoder_start_token_id=0), "seq2seq"
+    if name == "t5-relu":  # the original T5 feed-forward (not gated)
+        return _build(tr.T5Config, tr.T5ForConditionalGeneration, d_model=32, d_kv=8, d_ff=48, num_layers=2,
+                      num_decoder_layers=1, num_heads=4, vocab_size=100, feed_forward_proj="relu",
+                      decoder_start_token_id=0), "seq2seq"
     if name == "vit":
         return _build(tr.ViTConfig, tr.ViTForImageClassification, hidden_size=32, num_hidden_layers=2,
                       num_attention_heads=4, intermediate_size=48, image_size=16, patch_size=4,
@@ -78,7 +82,7 @@ def build(name: str):
 
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemma", "gemma2", "gemma3", "phi3", "gpt2", "bert",
-            "t5", "vit")
+            "t5", "t5-relu", "vit")
 
 
 def make_inputs(model, kind: str, batch: int = 2, n: int = 6, pad: str = None, seed: int = 1):
