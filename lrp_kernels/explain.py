@@ -37,6 +37,7 @@ import inspect
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
@@ -203,6 +204,21 @@ def resolve_token(tokenizer, token: TokenLike, what: str = "target") -> int:
                        f"{detail}); use continuation= for a multi-token target")
 
 
+def unknown_pieces(tokenizer, text: str) -> List[str]:
+    """The parts of ``text`` the tokenizer maps to its unknown token (empty for byte-level
+    tokenizers, which have none); explaining ``<unk>`` instead of what was typed is misleading."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return []
+    fast = getattr(tokenizer, "is_fast", False)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=fast)
+    if unk not in enc["input_ids"]:
+        return []
+    if not fast:
+        return [tokenizer.unk_token]
+    return [text[a:b] for tid, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if tid == unk]
+
+
 def _context_limit(model, max_length: Optional[int]) -> Optional[int]:
     limits = [max_length] if max_length else []
     ctx = getattr(getattr(model, "config", None), "max_position_embeddings", None)
@@ -328,6 +344,12 @@ def _explain_batch(model, tokenizer, prompts, targets, *, continuation, contrast
     for i, row in enumerate(ids):
         if not row:
             raise ExplainError(f"prompt {i} is empty after tokenization")
+    for text in (prompts or []) + ([continuation] if continuation else []):
+        unknown = unknown_pieces(tokenizer, text)
+        if unknown:
+            warnings.warn(f"the tokenizer does not know {unknown[:5]} (mapped to "
+                          f"{tokenizer.unk_token!r}); their relevance is that of the unknown token",
+                          stacklevel=3)
     cont_ids: List[int] = []
     if continuation is not None:
         cont_ids = list(tokenizer(continuation, add_special_tokens=False)["input_ids"])

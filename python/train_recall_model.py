@@ -40,7 +40,7 @@ import time
 from typing import List, Sequence, Tuple
 
 NUM_KEYS = 16
-NUM_VALUES = 40
+NUM_VALUES = 100
 MAX_PAIRS = 8
 SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>"]
 PUNCT = ["=", ";", "?"]

@@ -118,6 +118,8 @@ def test_errors_are_one_line(model_dir, tmp_path, capsys):
     one_line_error(code, err, "absent.txt")
     code, _, err = run_cli(capsys, "   ", "--model", model_dir)
     one_line_error(code, err, "empty")
+    code, _, err = run_cli(capsys, "k1 = 5 ; k2 = 999 ; ? k1 =", "--model", model_dir)
+    one_line_error(code, err, "does not know '999'")
     code, _, err = run_cli(capsys, PROMPT, "--model", model_dir, "--generate", "0")
     one_line_error(code, err, "--generate")
 

@@ -196,6 +196,8 @@ def test_bad_inputs(model, tok):
         explain(model, tok, [text], ["1", "2"], rules="gradient")
     with pytest.raises(ExplainError, match="generate"):
         explain(model, tok, text, generate=0, rules="gradient")
+    with pytest.warns(UserWarning, match=r"does not know \['999'\]"):
+        explain(model, tok, "k1 = 999 ; ? k1 =", rules="gradient")
     with pytest.raises(ExplainError, match="epsilon"):
         explain(model, tok, text, epsilon=-1.0)
 

@@ -164,6 +164,11 @@ def run(args) -> int:
     model, tok = load(model_id, args.tokenizer or model_id, args.dtype, device,
                       not args.no_progress)
 
+    from ..explain import unknown_pieces
+    unknown = unknown_pieces(tok, prompt)
+    if unknown:
+        raise CLIError(f"the model's tokenizer does not know {', '.join(map(repr, unknown[:5]))} "
+                       f"in the prompt (it would become {tok.unk_token!r})")
     bar = None
     progress = None
     if args.generate and not args.no_progress:
