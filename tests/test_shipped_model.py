@@ -91,3 +91,24 @@ def test_cli_default_model_writes_heatmap(tmp_path, capsys):
     assert code == 0
     assert "target '19'" in text
     assert out.read_text(encoding="utf-8").count('class="lrp-tok"') == 12
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
+def test_gpu_backends_agree_and_point_at_span(shipped, dtype, tol):
+    """On CUDA: the triton backend gives the torch backend's relevance (norm-wise relative
+    error <= tol for the dtype) and the same hit rate."""
+    import copy
+    model, tok = shipped
+    gpu = copy.deepcopy(model).to("cuda", dtype)
+    exs = held_out(64, seed=HELD_OUT_SEED + 2)
+    texts = [e["prompt"] for e in exs]
+    ref = explain(gpu, tok, texts, backend="torch")
+    fast = explain(gpu, tok, texts, backend="triton")
+    for a, b in zip(ref, fast):
+        assert a.target.id == b.target.id
+        err = float((a.relevance - b.relevance).norm() / a.relevance.norm())
+        assert err <= tol, err
+    rate = sum(task.answer_span_hit(x.relevance, e) for x, e in zip(fast, exs)) / len(exs)
+    assert rate >= 0.90
