@@ -36,3 +36,13 @@ def test_compare_backends(tmp_path):
                "linear_epsilon_backward,softmax_dt_backward", "--backends", "torch,triton")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "linear_epsilon_backward" in proc.stdout and "end to end" in proc.stdout
+
+
+def test_train_script_runs_and_refuses_an_untrained_model(tmp_path):
+    """CI never trains; this only checks the script runs and does not save a failed model."""
+    out = tmp_path / "m"
+    proc = run("python/train_recall_model.py", "--out", str(out), "--max-steps", "4",
+               "--eval-every", "2")
+    assert proc.returncode == 1
+    assert "step 2 " in proc.stdout and "did not reach 95%" in proc.stderr
+    assert not out.exists()
