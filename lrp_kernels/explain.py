@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
-import math
 import os
 import warnings
 from dataclasses import dataclass, field
