@@ -137,8 +137,8 @@ def test_unwritable_output(model_dir, tmp_path, capsys):
 
 
 def test_pdf_without_latex_is_one_line(model_dir, tmp_path, capsys, monkeypatch):
-    from lrp_kernels import heatmap
-    monkeypatch.setattr(heatmap.shutil, "which", lambda name: None)
+    import shutil
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # the CLI's check and heatmap's
     code, _, err = run_cli(capsys, PROMPT, "--model", model_dir, "--out", str(tmp_path / "h.pdf"))
     one_line_error(code, err, "xelatex", ".html", ".png")
 

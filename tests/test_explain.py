@@ -152,8 +152,9 @@ def test_display_tokens_concatenate_to_prompt(model, tok):
     assert "".join(exp.tokens[1:]) == text
 
 
-def test_latent_relevance(model, tok):
-    exp = explain(model, tok, prompts(1, seed=7)[0], rules="gradient", latent=True)
+@pytest.mark.parametrize("rules", RULES)
+def test_latent_relevance(model, tok, rules):
+    exp = explain(model, tok, prompts(1, seed=7)[0], rules=rules, latent=True)
     layers = model.config.num_hidden_layers
     assert exp.latent.shape == (layers + 1, len(exp))
     torch.testing.assert_close(exp.latent[0], exp.relevance, rtol=1e-5, atol=1e-6)

@@ -112,3 +112,22 @@ def test_gpu_backends_agree_and_point_at_span(shipped, dtype, tol):
         assert err <= tol, err
     rate = sum(task.answer_span_hit(x.relevance, e) for x, e in zip(fast, exs)) / len(exs)
     assert rate >= 0.90
+
+
+@pytest.mark.parametrize("rules", ["attnlrp", "cp-lrp"])
+def test_explain_equals_manual_patch_recipe(shipped, rules):
+    """explain() == the documented G-view recipe written out by hand with lrp_kernels.patch
+    (full logits, no padding), and differs from plain gradient x input."""
+    import lrp_kernels
+    model, tok = shipped
+    text = held_out(1, seed=HELD_OUT_SEED + 3, pairs=6)[0]["prompt"]
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    with lrp_kernels.patch(model, rules=rules):
+        emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        logits = model(inputs_embeds=emb, use_cache=False).logits
+        logits[0, -1].max().backward()
+    manual = (emb * emb.grad).sum(-1)[0].detach()
+    exp = explain(model, tok, text, rules=rules)
+    torch.testing.assert_close(exp.relevance, manual, rtol=1e-4, atol=1e-5)
+    gxi = explain(model, tok, text, rules="gradient")
+    assert float((gxi.relevance - manual).norm()) > 1e-3 * float(manual.norm())

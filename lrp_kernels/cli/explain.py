@@ -87,7 +87,7 @@ def _read_prompt(args) -> str:
     return text
 
 
-def _check_out(path: str, generate) -> None:
+def _check_out(path: str, pdf_backend: str) -> None:
     ext = os.path.splitext(path)[1].lower()
     if ext not in OUTPUT_EXTS:
         raise CLIError(f"--out must end in .html, .pdf, .png or .json, got {path!r}")
@@ -98,6 +98,11 @@ def _check_out(path: str, generate) -> None:
         raise CLIError(f"cannot write --out {path!r}: it is a folder")
     if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
         raise CLIError(f"cannot write --out {path!r}: permission denied")
+    if ext == ".pdf":
+        import shutil
+        if shutil.which(pdf_backend) is None:
+            raise CLIError(f"--out .pdf needs {pdf_backend}, which is not installed; install a TeX "
+                           "distribution, or write an HTML (.html) or PNG (.png) heatmap instead")
     if ext == ".png":
         try:
             import matplotlib  # noqa: F401
@@ -148,7 +153,7 @@ def run(args) -> int:
 
     prompt = _read_prompt(args)
     if args.out:
-        _check_out(args.out, args.generate)
+        _check_out(args.out, args.pdf_backend)
     if args.generate is not None and args.generate < 1:
         raise CLIError(f"--generate must be a positive number of tokens, got {args.generate}")
     if args.max_length is not None and args.max_length < 1:
