@@ -151,3 +151,13 @@ def test_subprocess_error_has_no_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
         f"lrp-kernels explain: error: --model {str(tmp_path / 'nope')!r}: no such folder"]
+
+
+def test_unreachable_hub_id_is_one_line(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    proc = subprocess.run([sys.executable, "-m", "lrp_kernels.cli", "explain", PROMPT,
+                           "--model", "no-such-org/no-such-model"],
+                          capture_output=True, text=True, cwd=ROOT, env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot load model 'no-such-org/no-such-model'" in lines[0]

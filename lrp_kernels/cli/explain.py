@@ -131,8 +131,10 @@ def load(model_id: str, tokenizer_id: str, dtype: str, device: str, progress: bo
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 
-    looks_local = (os.path.sep in model_id or model_id.startswith(".")
-                   or os.path.exists(model_id))
+    # hub ids look like "org/name"; anything else path-like must be an existing folder
+    looks_local = (os.path.isabs(model_id) or model_id.startswith((".", "~"))
+                   or model_id.count("/") > 1 or os.path.exists(model_id))
+    model_id = os.path.expanduser(model_id)
     if looks_local and not os.path.isdir(model_id):
         raise CLIError(f"--model {model_id!r}: no such folder")
     try:
