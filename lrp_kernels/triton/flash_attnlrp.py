@@ -84,12 +84,13 @@ def _logits(q, k, offs_m, offs_n, N, M, OFFSET, WINDOW, scale, softcap,
         valid = valid & (offs_n[None, :] <= offs_m[:, None] + OFFSET)
     if HAS_WINDOW:
         valid = valid & (offs_m[:, None] + OFFSET - offs_n[None, :] < WINDOW)
+    # int64 rows: an [N, M] mask passes 2**31 elements at N = M = 46k
     if MASK_KIND == 1:  # bool, True = attend
-        mv = tl.load(MASK + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn,
+        mv = tl.load(MASK + offs_m[:, None].to(tl.int64) * stride_mm + offs_n[None, :] * stride_mn,
                      mask=valid, other=0)
         valid = valid & (mv != 0)
     if MASK_KIND == 2:  # additive float, <= dtype min means masked
-        mv = tl.load(MASK + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn,
+        mv = tl.load(MASK + offs_m[:, None].to(tl.int64) * stride_mm + offs_n[None, :] * stride_mn,
                      mask=valid, other=0.0).to(tl.float32)
         valid = valid & (mv > mask_min)
         s = s + tl.where(valid, mv, 0.0)
