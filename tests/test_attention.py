@@ -214,6 +214,23 @@ def test_flash_unequal_blocks(monkeypatch, bm, bn, case):
     check(run("flash", q, k, v, mask, kw, g), want, 2e-5)
 
 
+@pytest.mark.skipif(not triton_ok(), reason="triton unavailable")
+@pytest.mark.parametrize("fwd,bwd", [((128, 64), (64, 64)), ((128, 32), (64, 32))])
+def test_flash_gpu_block_table_on_longer_rows(monkeypatch, fwd, bwd):
+    """The GPU's block table (d <= 64 and d <= 128 rows) on a sequence spanning several blocks."""
+    from lrp_kernels.triton import flash_attnlrp
+
+    monkeypatch.setattr(flash_attnlrp, "_blocks", lambda d, kind: (*(fwd if kind == "fwd" else bwd), 4, 1))
+    gen = torch.Generator().manual_seed(21)
+    B, Hq, Hkv, N, dim = 1, 4, 2, 150, 16
+    q, k, v, g = (rand(B, h, N, dim, gen=gen) for h in (Hq, Hkv, Hkv, Hq))
+    keep = torch.ones(B, N, dtype=torch.bool)
+    keep[0, :7] = False
+    allowed = oracle.attention_allowed(B, Hq, N, N, causal=True, window=97, key_keep=keep)
+    want = oracle.attention_G(q, k, v, g, dim ** -0.5, EPS, allowed=allowed)
+    check(run("flash", q, k, v, keep, {"is_causal": True, "sliding_window": 97}, g), want, 2e-5)
+
+
 def test_chunked_float64_is_exact():
     gen = torch.Generator().manual_seed(5)
     q, k, v, mask, kw, allowed, bias = build_case("gqa_causal_pad", gen, dtype=torch.float64)
