@@ -312,10 +312,14 @@ def relevance_input(grad_o, o, spec: _Spec, relevance: bool) -> torch.Tensor:
 
 def attnlrp_backward_torch(grad_o, q, k, v, o, lse, spec: _Spec, relevance: bool,
                            block_size: Optional[int]):
-    """``(G_Q, G_K, G_V)`` (relevance view: ``R_Q, R_K, R_V``) block by block over queries."""
+    """``(G_Q, G_K, G_V)`` (relevance view: ``R_Q, R_K, R_V``) block by block over queries.
+
+    Three block buffers are allocated once and reused (S then P, S0/stab(S0), H V^T then T);
+    the gradients accumulate in place (``baddbmm_``), so the loop allocates nothing large."""
     bq = _block_rows(spec, block_size)
     attn = spec.rule == "attnlrp"
-    B, Hkv, G, d, dv = spec.B, spec.Hkv, spec.G, spec.d, spec.dv
+    B, Hkv, G, d, dv, M = spec.B, spec.Hkv, spec.G, spec.d, spec.dv, spec.M
+    BH = B * Hkv
     h = relevance_input(grad_o, o, spec, relevance)
     hr = _rows(h, spec)
     dr = _rows((h * o.to(spec.cd)).sum(-1, keepdim=True), spec)  # D = rowsum(H * O)
@@ -323,9 +327,11 @@ def attnlrp_backward_torch(grad_o, q, k, v, o, lse, spec: _Spec, relevance: bool
     del h
     qr = _rows(q.to(spec.cd), spec)
     ks, vf = k.to(spec.cd) * spec.scale, v.to(spec.cd)
-    gv = torch.zeros(B, Hkv, spec.M, dv, dtype=spec.cd, device=q.device)
-    gk = torch.zeros(B, Hkv, spec.M, d, dtype=spec.cd, device=q.device) if attn else None
+    gv = torch.zeros(B, Hkv, M, dv, dtype=spec.cd, device=q.device)
+    gk = torch.zeros(B, Hkv, M, d, dtype=spec.cd, device=q.device) if attn else None
     gqr = torch.zeros(B, Hkv, spec.N, G, d, dtype=spec.cd, device=q.device) if attn else None
+    size = BH * min(bq, spec.N) * G * M
+    bufs = [torch.empty(size, dtype=spec.cd, device=q.device) for _ in range(3 if attn else 1)]
     eps_s = abs(spec.scale) * spec.epsilon  # stab of S0, seen on the scaled scores
     for q0 in range(0, spec.N, bq):
         q1 = min(spec.N, q0 + bq)
@@ -333,29 +339,30 @@ def attnlrp_backward_torch(grad_o, q, k, v, o, lse, spec: _Spec, relevance: bool
         if hi <= lo:
             continue
         n, span = q1 - q0, hi - lo
-        qb = qr[:, :, q0:q1].reshape(B, Hkv, n * G, d)
-        hb = hr[:, :, q0:q1].reshape(B, Hkv, n * G, dv)
-        kb, vb = ks[:, :, lo:hi], vf[:, :, lo:hi]
-        s = qb @ kb.transpose(-1, -2)
-        if attn:  # S0 / stab(S0), before masking turns S into -inf
-            r = s.abs()
-            r = r.div_(r + eps_s)
+        s, r, t = [buf[:BH * n * G * span].view(BH, n * G, span) for buf in bufs] + [None] * (3 - len(bufs))
+        qb = qr[:, :, q0:q1].reshape(BH, n * G, d)
+        hb = hr[:, :, q0:q1].reshape(BH, n * G, dv)
+        kb, vb = ks[:, :, lo:hi].reshape(BH, span, d), vf[:, :, lo:hi].reshape(BH, span, dv)
+        torch.bmm(qb, kb.transpose(1, 2), out=s)
+        if attn:  # S0 / stab(S0) = |S| / (|S| + |scale| eps), before masking turns S into -inf
+            torch.abs(s, out=r)
+            r.div_(torch.add(r, eps_s, out=t))
         cap = None
         if spec.softcap is not None:
             s, cap = _softcap(s, spec)
         _mask_block(s.view(B, Hkv, n, G, span), spec, q0, q1, lo, hi)
-        p = s.sub_(lr[:, :, q0:q1].reshape(B, Hkv, n * G, 1)).exp_()  # 0 where masked / dead rows
-        gv[:, :, lo:hi] += p.transpose(-1, -2) @ hb                    # G_V = P^T @ H (group sum)
+        p = s.sub_(lr[:, :, q0:q1].reshape(BH, n * G, 1)).exp_()      # P: 0 where masked / dead rows
+        gv.view(BH, M, dv)[:, lo:hi].baddbmm_(p.transpose(1, 2), hb)  # G_V += P^T @ H (group sum)
         if not attn:
             continue
-        t = (hb @ vb.transpose(-1, -2)).sub_(dr[:, :, q0:q1].reshape(B, Hkv, n * G, 1)).mul_(p)  # G_S
-        del p, s
+        torch.bmm(hb, vb.transpose(1, 2), out=t)
+        t.sub_(dr[:, :, q0:q1].reshape(BH, n * G, 1)).mul_(p)         # G_S = P * (H V^T - D)
         if cap is not None:
-            t.mul_(cap)                                   # identity rule on tanh
-        t.mul_(r)                                         # 2 T = G_S * S0 / stab(S0)
-        del r
-        gqr[:, :, q0:q1] = (t @ kb).view(B, Hkv, n, G, d)  # 2 G_Q (K pre-scaled)
-        gk[:, :, lo:hi] += t.transpose(-1, -2) @ qb        # 2 G_K / scale
+            t.mul_(cap)                                               # identity rule on tanh
+        t.mul_(r)                                                     # 2 T = G_S * S0 / stab(S0)
+        gqr[:, :, q0:q1].view(BH, n * G, d).baddbmm_(t, kb, beta=0)   # 2 G_Q (K pre-scaled)
+        gk.view(BH, M, d)[:, lo:hi].baddbmm_(t.transpose(1, 2), qb)   # 2 G_K / scale
+    del bufs
     if attn:
         gq = _unrows(gqr, spec).mul_(0.5)
         gk = gk.mul_(0.5 * spec.scale)
