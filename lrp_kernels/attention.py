@@ -281,13 +281,17 @@ def attnlrp_forward_torch(q, k, v, spec: _Spec, block_size: Optional[int]):
     qr = _rows(q.to(spec.cd), spec)
     o = torch.zeros(B, Hkv, spec.N, G, spec.dv, dtype=spec.cd, device=q.device)
     lse = torch.full((B, Hkv, spec.N, G, 1), math.inf, dtype=spec.cd, device=q.device)
+    buf = torch.empty(B * Hkv * min(bq, spec.N) * G * spec.M, dtype=spec.cd, device=q.device)
     for q0 in range(0, spec.N, bq):
         q1 = min(spec.N, q0 + bq)
         lo, hi = _key_span(spec, q0, q1)
         if hi <= lo:
             continue  # every row fully masked: O = 0, lse = +inf
         n, span = q1 - q0, hi - lo
-        s = qr[:, :, q0:q1].reshape(B, Hkv, n * G, spec.d) @ ks[:, :, lo:hi].transpose(-1, -2)
+        s = buf[:B * Hkv * n * G * span].view(B * Hkv, n * G, span)
+        torch.bmm(qr[:, :, q0:q1].reshape(B * Hkv, n * G, spec.d),
+                  ks[:, :, lo:hi].reshape(B * Hkv, span, spec.d).transpose(1, 2), out=s)
+        s = s.view(B, Hkv, n * G, span)
         if spec.softcap is not None:
             s = _softcap(s, spec)[0]
         _mask_block(s.view(B, Hkv, n, G, span), spec, q0, q1, lo, hi)
