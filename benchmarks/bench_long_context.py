@@ -165,8 +165,12 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="model mode: cpu (default) or cuda")
     p.add_argument("--backend", default="torch", help="model mode: rule backend of the patch (default torch)")
     p.add_argument("--checkpointing", action="store_true", help="model mode: gradient checkpointing")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (1 gives stable ratios on a loaded machine)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     rc = kernel_bench(args) if args.kernel else model_bench(args)
     print(f"# {time.perf_counter() - t0:.1f}s", file=sys.stderr)
