@@ -72,6 +72,22 @@ def device_reason(*tensors: Optional[torch.Tensor]) -> Optional[str]:
     return None
 
 
+def linear_reason(grad_z, x, weight, bias, z) -> Optional[str]:
+    """``supports`` check shared by the linear-layer kernels (epsilon, gamma): devices, dtypes
+    and the shapes of ``z = x @ weight.T + bias``; None if a kernel can take them."""
+    reason = device_reason(grad_z, x, weight, bias, z)
+    if reason:
+        return reason
+    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        return f"shapes x {tuple(x.shape)}, weight {tuple(weight.shape)} are not a linear layer"
+    expected = (*x.shape[:-1], weight.shape[0])
+    if tuple(grad_z.shape) != expected:
+        return f"grad_z has shape {tuple(grad_z.shape)}, expected {expected}"
+    if z is not None and tuple(z.shape) != expected:
+        return f"z has shape {tuple(z.shape)}, expected {expected}"
+    return None
+
+
 def alloc_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
     """Every launcher allocates its outputs here (``torch.empty``: the kernels write every
     element). Tests replace it with a NaN-filled allocator to prove that."""

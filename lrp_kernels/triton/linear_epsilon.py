@@ -222,17 +222,7 @@ def linear_epsilon_backward_triton(
 
 def supports(grad_z, x, weight, bias, z, epsilon, relevance) -> Optional[str]:
     """None if the fused kernel takes these inputs, else why not (auto then uses torch)."""
-    reason = _backend.device_reason(grad_z, x, weight, bias, z)
-    if reason:
-        return reason
-    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
-        return f"shapes x {tuple(x.shape)}, weight {tuple(weight.shape)} are not a linear layer"
-    expected = (*x.shape[:-1], weight.shape[0])
-    if tuple(grad_z.shape) != expected:
-        return f"grad_z has shape {tuple(grad_z.shape)}, expected {expected}"
-    if z is not None and tuple(z.shape) != expected:
-        return f"z has shape {tuple(z.shape)}, expected {expected}"
-    return None
+    return _backend.linear_reason(grad_z, x, weight, bias, z)
 
 
 dispatch.register("linear_epsilon_backward", "triton", linear_epsilon_backward_triton, supports=supports)

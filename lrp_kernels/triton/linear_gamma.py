@@ -17,6 +17,7 @@ sizes (no autotune).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -158,7 +159,7 @@ def linear_gamma_backward_triton(
     bb = weight if bias is None else bias
     den_grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n_out, cfg["BLOCK_N"]))
     bwd_grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(k_in, cfg["BLOCK_K"]))
-    with torch.cuda.device(x.device) if x.is_cuda else _nullcontext():
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         _gamma_den_kernel[den_grid](
             x2, weight, bb, g2, zz, gp, gn, m, n_out, k_in,
             *x2.stride(), *weight.stride(), *g2.stride(), *zz.stride(), *gp.stride(),
@@ -172,27 +173,9 @@ def linear_gamma_backward_triton(
     return out.reshape(x.shape)
 
 
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def supports(grad_z, x, weight, bias, z, gamma, epsilon, relevance) -> Optional[str]:
     """None if the fused kernels take these inputs, else why not (auto then uses torch)."""
-    reason = _backend.device_reason(grad_z, x, weight, bias, z)
-    if reason:
-        return reason
-    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
-        return f"shapes x {tuple(x.shape)}, weight {tuple(weight.shape)} are not a linear layer"
-    expected = (*x.shape[:-1], weight.shape[0])
-    if tuple(grad_z.shape) != expected:
-        return f"grad_z has shape {tuple(grad_z.shape)}, expected {expected}"
-    if z is not None and tuple(z.shape) != expected:
-        return f"z has shape {tuple(z.shape)}, expected {expected}"
-    return None
+    return _backend.linear_reason(grad_z, x, weight, bias, z)
 
 
 dispatch.register("linear_gamma_backward", "triton", linear_gamma_backward_triton, supports=supports)
