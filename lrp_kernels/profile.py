@@ -70,15 +70,22 @@ class _RssPeak:
     """Peak resident set size of this process above its value at ``start`` (sampling thread)."""
 
     def __init__(self, interval: float = 0.002) -> None:
-        import psutil
+        try:  # psutil where installed (any OS), else Linux's /proc
+            import psutil
 
-        self._proc, self._interval = psutil.Process(), interval
+            proc = psutil.Process()
+            self._rss = lambda: proc.memory_info().rss
+        except ImportError:
+            page = os.sysconf("SC_PAGE_SIZE")
+
+            def rss() -> int:
+                with open("/proc/self/statm") as f:
+                    return int(f.read().split()[1]) * page
+            self._rss = rss
+        self._interval = interval
         self.base = self.peak = 0
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
-
-    def _rss(self) -> int:
-        return self._proc.memory_info().rss
 
     def _run(self) -> None:
         while not self._stop.is_set():
