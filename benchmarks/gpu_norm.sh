@@ -6,25 +6,8 @@
 #  2. if torch has CUDA: the GPU tests of tests/test_cpp_norm.py, which build the extension with
 #     its CUDA variant (cold build ~1-2 min) and compare CUDA tensors with the float64 oracle.
 # Logs go to "$OUT" if set, else benchmarks/out/. Exit code non-zero if any step failed.
-set -uo pipefail
-cd "$(dirname "$0")/.."
-LOGS="${OUT:-benchmarks/out}"
-mkdir -p "$LOGS"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-PY="${PYTHON:-python3}"
+source "$(dirname "$0")/_gpu_common.sh"
 NVCC="$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)"
-status=0
-
-step() {  # step NAME TIMEOUT_S CMD...
-  local name=$1 limit=$2
-  shift 2
-  echo "=== $name: $*" | tee "$LOGS/$name.log"
-  local t0=$SECONDS
-  timeout "$limit" "$@" 2>&1 | tee -a "$LOGS/$name.log"
-  local rc=${PIPESTATUS[0]}
-  echo "=== $name: exit $rc in $((SECONDS - t0)) s" | tee -a "$LOGS/$name.log"
-  [ "$rc" -eq 0 ] || status=1
-}
 
 { nvidia-smi -L; "$NVCC" --version | tail -1; "$PY" --version
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" || echo "no torch"

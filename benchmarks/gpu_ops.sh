@@ -6,24 +6,7 @@
 # benchmark (autotuned kernels; it also checks their results against the torch backend). About 3-4 minutes (mostly Triton
 # compiles). The repo is used in place (PYTHONPATH=., not installed). Logs go to "$OUT" if set,
 # else benchmarks/out/. Exit code: non-zero if any step failed (every step still runs).
-set -uo pipefail
-cd "$(dirname "$0")/.."
-LOGS="${OUT:-benchmarks/out}"
-mkdir -p "$LOGS"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-PY="${PYTHON:-python3}"
-status=0
-
-step() {  # step NAME TIMEOUT_S CMD...: run, log to $LOGS/NAME.log, remember failures
-  local name=$1 limit=$2
-  shift 2
-  echo "=== $name: $*" | tee "$LOGS/$name.log"
-  local t0=$SECONDS
-  timeout "$limit" "$@" 2>&1 | tee -a "$LOGS/$name.log"
-  local rc=${PIPESTATUS[0]}
-  echo "=== $name: exit $rc in $((SECONDS - t0)) s" | tee -a "$LOGS/$name.log"
-  [ "$rc" -eq 0 ] || status=1
-}
+source "$(dirname "$0")/_gpu_common.sh"
 
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" \
   | tee "$LOGS/env.log"
