@@ -60,7 +60,7 @@ RULES = ("attnlrp", "cp-lrp")
 IMPLS = ("auto", "eager", "chunked", "flash")
 # eager (one N x M matrix) is fastest below this many score entries per (batch, head)
 _EAGER_MAX_SCORES = 128 * 128
-# chunked backend: score blocks of about this many elements (at least 64 query rows): a few
+# chunked backend: score blocks of about this many elements (at least 16 query rows): a few
 # block tensors stay well below the activations a long-context model keeps anyway
 _CHUNK_ELEMENTS = 1 << 20
 
@@ -211,7 +211,7 @@ def _block_rows(spec: _Spec, block_size: Optional[int]) -> int:
     if block_size is not None:
         return int(block_size)
     per_row = max(1, spec.B * spec.Hq * spec.M)
-    return int(max(1, min(spec.N, max(64, _CHUNK_ELEMENTS // per_row))))
+    return int(max(1, min(spec.N, max(16, _CHUNK_ELEMENTS // per_row))))
 
 
 def _rows(t: torch.Tensor, spec: _Spec) -> torch.Tensor:
@@ -279,7 +279,8 @@ def attnlrp_forward_torch(q, k, v, spec: _Spec, block_size: Optional[int]):
     B, Hkv, G = spec.B, spec.Hkv, spec.G
     ks, vf = k.to(spec.cd) * spec.scale, v.to(spec.cd)
     qr = _rows(q.to(spec.cd), spec)
-    o = torch.zeros(B, Hkv, spec.N, G, spec.dv, dtype=spec.cd, device=q.device)
+    o = torch.zeros(B, spec.Hq, spec.N, spec.dv, dtype=q.dtype, device=q.device)
+    og = o.view(B, Hkv, G, spec.N, spec.dv)
     lse = torch.full((B, Hkv, spec.N, G, 1), math.inf, dtype=spec.cd, device=q.device)
     buf = torch.empty(B * Hkv * min(bq, spec.N) * G * spec.M, dtype=spec.cd, device=q.device)
     for q0 in range(0, spec.N, bq):
@@ -301,9 +302,9 @@ def attnlrp_forward_torch(q, k, v, spec: _Spec, block_size: Optional[int]):
         l = p.sum(-1, keepdim=True)
         alive = l > 0
         l_safe = torch.where(alive, l, torch.ones((), dtype=l.dtype, device=l.device))
-        o[:, :, q0:q1] = ((p @ vf[:, :, lo:hi]) / l_safe).view(B, Hkv, n, G, spec.dv)
+        og[:, :, :, q0:q1] = ((p @ vf[:, :, lo:hi]) / l_safe).view(B, Hkv, n, G, spec.dv).transpose(2, 3)
         lse[:, :, q0:q1] = torch.where(alive, m + torch.log(l_safe), math.inf).view(B, Hkv, n, G, 1)
-    return _unrows(o, spec).to(q.dtype), _unrows(lse, spec)[..., 0]
+    return o, _unrows(lse, spec)[..., 0]
 
 
 def relevance_input(grad_o, o, spec: _Spec, relevance: bool) -> torch.Tensor:
@@ -333,7 +334,8 @@ def attnlrp_backward_torch(grad_o, q, k, v, o, lse, spec: _Spec, relevance: bool
     ks, vf = k.to(spec.cd) * spec.scale, v.to(spec.cd)
     gv = torch.zeros(B, Hkv, M, dv, dtype=spec.cd, device=q.device)
     gk = torch.zeros(B, Hkv, M, d, dtype=spec.cd, device=q.device) if attn else None
-    gqr = torch.zeros(B, Hkv, spec.N, G, d, dtype=spec.cd, device=q.device) if attn else None
+    gq = torch.zeros(B, spec.Hq, spec.N, d, dtype=spec.cd, device=q.device) if attn else None
+    gqg = gq.view(B, Hkv, G, spec.N, d) if attn else None
     size = BH * min(bq, spec.N) * G * M
     bufs = [torch.empty(size, dtype=spec.cd, device=q.device) for _ in range(3 if attn else 1)]
     eps_s = abs(spec.scale) * spec.epsilon  # stab of S0, seen on the scaled scores
@@ -364,11 +366,11 @@ def attnlrp_backward_torch(grad_o, q, k, v, o, lse, spec: _Spec, relevance: bool
         if cap is not None:
             t.mul_(cap)                                               # identity rule on tanh
         t.mul_(r)                                                     # 2 T = G_S * S0 / stab(S0)
-        gqr[:, :, q0:q1].view(BH, n * G, d).baddbmm_(t, kb, beta=0)   # 2 G_Q (K pre-scaled)
+        gqg[:, :, :, q0:q1] = torch.bmm(t, kb).view(B, Hkv, n, G, d).transpose(2, 3)  # 2 G_Q (K pre-scaled)
         gk.view(BH, M, d)[:, lo:hi].baddbmm_(t.transpose(1, 2), qb)   # 2 G_K / scale
     del bufs
     if attn:
-        gq = _unrows(gqr, spec).mul_(0.5)
+        gq = gq.mul_(0.5)
         gk = gk.mul_(0.5 * spec.scale)
     if relevance:
         gv = gv * v.to(spec.cd)
@@ -438,7 +440,7 @@ def attnlrp_attention(
         rule: ``"attnlrp"`` or ``"cp-lrp"`` (no relevance through the softmax path).
         relevance: False = gradient view (what model patches use), True = relevance view.
         impl: ``"auto"``, ``"eager"``, ``"chunked"`` (PyTorch, memory-lean) or ``"flash"`` (Triton).
-        block_size: query rows per block for ``chunked`` (default: about 1M scores, >= 64 rows).
+        block_size: query rows per block for ``chunked`` (default: about 1M scores, >= 16 rows).
 
     Returns:
         ``O`` ``[B, Hq, N, dv]`` in the inputs' dtype (fp32 accumulation).
