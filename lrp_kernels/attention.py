@@ -60,7 +60,7 @@ RULES = ("attnlrp", "cp-lrp")
 IMPLS = ("auto", "eager", "chunked", "flash")
 # eager (one N x M matrix) is fastest below this many score entries per (batch, head)
 _EAGER_MAX_SCORES = 128 * 128
-# chunked backend: score blocks of about this many elements (at least 16 query rows): a few
+# chunked backend: score blocks of about this many elements (at least 32 query rows): a few
 # block tensors stay well below the activations a long-context model keeps anyway
 _CHUNK_ELEMENTS = 1 << 20
 
@@ -211,7 +211,7 @@ def _block_rows(spec: _Spec, block_size: Optional[int]) -> int:
     if block_size is not None:
         return int(block_size)
     per_row = max(1, spec.B * spec.Hq * spec.M)
-    return int(max(1, min(spec.N, max(16, _CHUNK_ELEMENTS // per_row))))
+    return int(max(1, min(spec.N, max(32, _CHUNK_ELEMENTS // per_row))))
 
 
 def _rows(t: torch.Tensor, spec: _Spec) -> torch.Tensor:
@@ -440,7 +440,7 @@ def attnlrp_attention(
         rule: ``"attnlrp"`` or ``"cp-lrp"`` (no relevance through the softmax path).
         relevance: False = gradient view (what model patches use), True = relevance view.
         impl: ``"auto"``, ``"eager"``, ``"chunked"`` (PyTorch, memory-lean) or ``"flash"`` (Triton).
-        block_size: query rows per block for ``chunked`` (default: about 1M scores, >= 16 rows).
+        block_size: query rows per block for ``chunked`` (default: about 1M scores, >= 32 rows).
 
     Returns:
         ``O`` ``[B, Hq, N, dv]`` in the inputs' dtype (fp32 accumulation).
