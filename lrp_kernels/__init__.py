@@ -11,6 +11,7 @@ from .ops._common import stabilize  # noqa: F401
 from . import check, rules  # noqa: F401  (conservation check mode; LXT-style rules)
 from .composite import Composite  # noqa: F401
 from . import hook_composites, hooks, imaging, lrp_rules  # noqa: F401  (Zennit-style rules, composites, image heatmaps)
+from .attention import attnlrp_attention  # noqa: F401  (fused AttnLRP attention block)
 from . import latent  # noqa: F401  (relevance of hidden states in the same backward)
 from .patch import PatchHandle, UnsupportedModelError, patch  # noqa: F401  (Hugging Face model patches)
 from .explain import Explanation, explain  # noqa: F401  (user-facing API; shadows the module name)
