@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Every GPU check of the project in one call (about 12-15 minutes on an H100/H200): the Triton
-# ops, flash-AttnLRP and the long-context profile, the CUDA norm kernels, the gamma kernel, then
-# the GPU-marked tests of the rest. Each script also runs alone. Logs under "$OUT" if set.
+# Every GPU check of the project in one call (estimated 12-15 minutes on an H100/H200, more than
+# one 15-minute device lease leaves after the machine's start: with such a lease run the scripts
+# one per call, most needed first: gpu_attention.sh (flash-AttnLRP, never run on a GPU yet),
+# gpu_norm.sh, gpu_gamma.sh, gpu_ops.sh). Order here: the Triton ops, flash-AttnLRP and the
+# long-context profile, the CUDA norm kernels, the gamma kernel, then the GPU-marked tests of
+# the rest. Logs under "$OUT" if set.
 #   bash benchmarks/gpu_all.sh
 cd "$(dirname "$0")/.."
 rc=0
