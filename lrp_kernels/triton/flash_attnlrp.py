@@ -99,6 +99,16 @@ def _logits(q, k, offs_m, offs_n, N, M, OFFSET, WINDOW, scale, softcap,
 
 
 @triton.jit
+def _load_kv(Kb, Vb, offs_n, offs_d, offs_dv, skn, skd, svn, svd, M, D, DV):
+    """One key block's K and V tiles (rows past ``M`` / dims past ``D``, ``DV`` read as 0)."""
+    k = tl.load(Kb + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                mask=(offs_n[:, None] < M) & (offs_d[None, :] < D), other=0.0)
+    v = tl.load(Vb + offs_n[:, None] * svn + offs_dv[None, :] * svd,
+                mask=(offs_n[:, None] < M) & (offs_dv[None, :] < DV), other=0.0)
+    return k, v
+
+
+@triton.jit
 def _key_range(m0, BLOCK_M: tl.constexpr, M, OFFSET, WINDOW,
                CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """Keys [lo, hi) that query rows [m0, m0 + BLOCK_M) may attend to."""
@@ -143,10 +153,7 @@ def _fwd_kernel(
     lo = (lo // BLOCK_N) * BLOCK_N
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        k = tl.load(Kb + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                    mask=(offs_n[:, None] < M) & (offs_d[None, :] < D), other=0.0)
-        v = tl.load(Vb + offs_n[:, None] * svn + offs_dv[None, :] * svd,
-                    mask=(offs_n[:, None] < M) & (offs_dv[None, :] < DV), other=0.0)
+        k, v = _load_kv(Kb, Vb, offs_n, offs_d, offs_dv, skn, skd, svn, svd, M, D, DV)
         s0, s, y = _logits(q, k, offs_m, offs_n, N, M, OFFSET, WINDOW, scale, softcap,
                            Mb, smm, smn, mask_min, CAUSAL, HAS_WINDOW, SOFTCAP, MASK_KIND,
                            LOWP, PRECISION)
@@ -205,10 +212,7 @@ def _dq_kernel(
     lo = (lo // BLOCK_N) * BLOCK_N
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        k = tl.load(Kb + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                    mask=(offs_n[:, None] < M) & (offs_d[None, :] < D), other=0.0)
-        v = tl.load(Vb + offs_n[:, None] * svn + offs_dv[None, :] * svd,
-                    mask=(offs_n[:, None] < M) & (offs_dv[None, :] < DV), other=0.0)
+        k, v = _load_kv(Kb, Vb, offs_n, offs_d, offs_dv, skn, skd, svn, svd, M, D, DV)
         s0, s, y = _logits(q, k, offs_m, offs_n, N, M, OFFSET, WINDOW, scale, softcap,
                            Mb, smm, smn, mask_min, CAUSAL, HAS_WINDOW, SOFTCAP, MASK_KIND,
                            LOWP, PRECISION)

@@ -46,6 +46,17 @@ def _row_terms(g, s, x, xmin, RELEVANCE: tl.constexpr):
 
 
 @triton.jit
+def _load_row_terms(g_row, x_row, s_row, cols, inb, stride_gc, stride_xc, stride_sc, xmin,
+                    RELEVANCE: tl.constexpr):
+    """One block of a long row (both passes read it the same way), in float32, with its terms."""
+    x = tl.load(x_row + cols * stride_xc, mask=inb, other=float("-inf")).to(tl.float32)
+    g = tl.load(g_row + cols * stride_gc, mask=inb, other=0.0).to(tl.float32)
+    s = tl.load(s_row + cols * stride_sc, mask=inb, other=0.0).to(tl.float32)
+    keep, g, s, term = _row_terms(g, s, x, xmin, RELEVANCE)
+    return keep, g, s, x, term
+
+
+@triton.jit
 def _row_out(keep, g, s, x, total, inv_t, RELEVANCE: tl.constexpr):
     if RELEVANCE:
         out = (tl.where(keep, x, 0.0) * inv_t) * (g - s * total)  # no -inf * 0
@@ -84,19 +95,15 @@ def _softmax_dt_bwd_kernel(
         for c0 in range(0, L, BLOCK):
             cols = c0 + offs
             inb = cols < L
-            x = tl.load(x_row + cols * stride_xc, mask=inb, other=float("-inf")).to(tl.float32)
-            g = tl.load(g_row + cols * stride_gc, mask=inb, other=0.0).to(tl.float32)
-            s = tl.load(s_row + cols * stride_sc, mask=inb, other=0.0).to(tl.float32)
-            keep, g, s, term = _row_terms(g, s, x, xmin, RELEVANCE)
+            keep, g, s, x, term = _load_row_terms(g_row, x_row, s_row, cols, inb, stride_gc, stride_xc,
+                                                  stride_sc, xmin, RELEVANCE)
             acc += term
         total = tl.sum(acc, axis=0)
         for c0 in range(0, L, BLOCK):
             cols = c0 + offs
             inb = cols < L
-            x = tl.load(x_row + cols * stride_xc, mask=inb, other=float("-inf")).to(tl.float32)
-            g = tl.load(g_row + cols * stride_gc, mask=inb, other=0.0).to(tl.float32)
-            s = tl.load(s_row + cols * stride_sc, mask=inb, other=0.0).to(tl.float32)
-            keep, g, s, term = _row_terms(g, s, x, xmin, RELEVANCE)
+            keep, g, s, x, term = _load_row_terms(g_row, x_row, s_row, cols, inb, stride_gc, stride_xc,
+                                                  stride_sc, xmin, RELEVANCE)
             out = _row_out(keep, g, s, x, total, inv_t, RELEVANCE)
             tl.store(o_row + cols * stride_oc, out.to(OUT.dtype.element_ty), mask=inb)
 
