@@ -287,16 +287,21 @@ def _cd(*ts):
     return compute_dtype(*ts)
 
 
-class EpsilonRule(Rule):
-    """Epsilon-LRP for any module (AttnLRP Eq. 8 generalised by the VJP; SPEC last rows)."""
-
-    share_between_inputs = False
+class _StabilisedRule(Rule):
+    """A rule with a stabiliser ``epsilon`` (for the uniform and identity rules it only
+    stabilises the gradient view's division by the input)."""
 
     def __init__(self, module: nn.Module, epsilon: float = DEFAULT_EPSILON, *, relevance: bool = True,
                  recompute: bool = False) -> None:
         check_epsilon(epsilon)
         super().__init__(module, relevance=relevance, recompute=recompute)
         self.epsilon = epsilon
+
+
+class EpsilonRule(_StabilisedRule):
+    """Epsilon-LRP for any module (AttnLRP Eq. 8 generalised by the VJP; SPEC last rows)."""
+
+    share_between_inputs = False
 
     def forward(self, *args, **kwargs):
         m = self.module
@@ -363,15 +368,10 @@ def _check_reducible(rule: Rule, inputs, outputs) -> None:
                              f"to the inputs element-wise (use EpsilonRule for shape-changing modules)")
 
 
-class UniformRule(Rule):
+class UniformRule(_StabilisedRule):
     """The output relevance split evenly over the ``n`` inputs that receive relevance
     (AttnLRP Prop. 3.2 for products): ``R_i = R_y / n``, summed over broadcast dims."""
 
-    def __init__(self, module: nn.Module, epsilon: float = DEFAULT_EPSILON, *, relevance: bool = True,
-                 recompute: bool = False) -> None:
-        check_epsilon(epsilon)
-        super().__init__(module, relevance=relevance, recompute=recompute)
-        self.epsilon = epsilon  # only stabilises the gradient view's division by x
 
     def validate(self, inputs, outputs):
         _check_reducible(self, inputs, outputs)
@@ -387,15 +387,10 @@ class UniformRule(Rule):
         return [o / stabilize(x, self.epsilon) for o, x in zip(out, inputs)]
 
 
-class IdentityRule(Rule):
+class IdentityRule(_StabilisedRule):
     """The relevance passes unchanged: ``R_x = R_y`` (AttnLRP Eq. 9; element-wise activations,
     normalisations). Needs one input receiving relevance whose shape broadcasts to the output's."""
 
-    def __init__(self, module: nn.Module, epsilon: float = DEFAULT_EPSILON, *, relevance: bool = True,
-                 recompute: bool = False) -> None:
-        check_epsilon(epsilon)
-        super().__init__(module, relevance=relevance, recompute=recompute)
-        self.epsilon = epsilon  # only stabilises the gradient view's division by x
 
     def validate(self, inputs, outputs):
         if len(inputs) != 1:
