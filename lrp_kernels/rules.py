@@ -372,7 +372,6 @@ class UniformRule(_StabilisedRule):
     """The output relevance split evenly over the ``n`` inputs that receive relevance
     (AttnLRP Prop. 3.2 for products): ``R_i = R_y / n``, summed over broadcast dims."""
 
-
     def validate(self, inputs, outputs):
         _check_reducible(self, inputs, outputs)
 
@@ -390,7 +389,6 @@ class UniformRule(_StabilisedRule):
 class IdentityRule(_StabilisedRule):
     """The relevance passes unchanged: ``R_x = R_y`` (AttnLRP Eq. 9; element-wise activations,
     normalisations). Needs one input receiving relevance whose shape broadcasts to the output's."""
-
 
     def validate(self, inputs, outputs):
         if len(inputs) != 1:
