@@ -88,12 +88,20 @@ def assert_ln_relevance(out, x, w, b, gy, eps, epsilon, dtype):
     assert rel(out, want) <= max(ORACLE_TOL[dtype], 4 * rel(fallback, want))
 
 
+def _away_from_zero(t):
+    """Random signs, magnitudes >= 0.5."""
+    return torch.where(t < 0, -1.0, 1.0) * (0.5 + t.abs())
+
+
 def inputs(shape, dtype, seed, weight=True, bias=True):
     g = torch.Generator().manual_seed(seed)
     H = shape[-1]
-    x = (torch.randn(shape, generator=g) * 2 + 0.3).to(dtype)
-    w = (torch.randn(H, generator=g) + 1).to(dtype) if weight else None
-    b = torch.randn(H, generator=g).to(dtype) if bias else None
+    # Bounded away from the LayerNorm relevance view's singular points (x_i == mean(x), y_i == 0),
+    # where stab() turns the backends' different float32 summation orders into large relative
+    # differences: |x_i - mean| >~ 0.4 (H > 1), |w| >= 0.5, |b| << |(x - mean) * rstd * w|.
+    x = (_away_from_zero(torch.randn(shape, generator=g)) * 1.5 + 0.3).to(dtype)
+    w = _away_from_zero(torch.randn(H, generator=g)).to(dtype) if weight else None
+    b = (0.02 * torch.randn(H, generator=g)).to(dtype) if bias else None
     gy = torch.randn(shape, generator=g).to(dtype)
     return x, w, b, gy
 
