@@ -7,7 +7,7 @@ queried pair ``k3 19``. A *hit* (python/train_recall_model.py: ``answer_span_hit
 prompt where the context token with the largest relevance lies in that pair; the stricter
 *span precision* is the share of the pair's tokens among the most relevant context tokens (as
 many as the pair has). Methods: AttnLRP
-and CP-LRP (lrp_kernels.patch), plain gradient x input, and a random attribution (chance level:
+and CP-LRP (lrp_kernels.hf.patching), plain gradient x input, and a random attribution (chance level:
 2 of the ``3 * n_pairs`` context tokens). Prints a table, then one JSON line per case.
 
     python benchmarks/bench_attribution_quality.py [--prompts 200] [--pairs 8] [--device cpu]
@@ -29,7 +29,7 @@ sys.path.insert(0, ROOT)
 import train_recall_model as task  # noqa: E402
 
 from lrp_kernels.cli.explain import SHIPPED_MODEL  # noqa: E402
-from lrp_kernels.explain import explain  # noqa: E402
+from lrp_kernels.explanations.api import explain  # noqa: E402
 
 METHODS = ("attnlrp", "cp-lrp", "gradient", "random")
 

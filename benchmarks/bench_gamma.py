@@ -23,8 +23,8 @@ def bench(fn) -> float:
 
 def generic_backward(grad, x, W, b, gamma, eps):
     """The generic Gamma rule (four modified copies + one autograd VJP), as BasicHook runs it."""
-    from lrp_kernels.hooks import stabilize
-    from lrp_kernels.lrp_rules import Gamma
+    from lrp_kernels.hooks.core import stabilize
+    from lrp_kernels.hooks.rules import Gamma
     lin = torch.nn.Linear(W.shape[1], W.shape[0], device=W.device, dtype=W.dtype)
     with torch.no_grad():
         lin.weight.copy_(W)
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_gamma: no CUDA device, nothing to measure")
         return 0
-    from lrp_kernels import dispatch
+    from lrp_kernels.backends import dispatch
     from lrp_kernels.ops import linear_gamma  # noqa: F401
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     cases = [(197 * 8, 768, 3072), (197 * 8, 3072, 768), (257 * 8, 1024, 4096), (257 * 8, 4096, 1024)]

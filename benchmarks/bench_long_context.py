@@ -2,7 +2,7 @@
 with SDPA attention, measured in the same run (a table, then one JSON line per case).
 
 Model mode (default; CPU): a random hidden-512 / 8-layer Llama (``llama-long-bench`` of
-:mod:`lrp_kernels.profile`), logits only for the explained position, at 4096 / 8192 / 16384
+:mod:`lrp_kernels.tools.profile`), logits only for the explained position, at 4096 / 8192 / 16384
 tokens (``--quick``: 512 / 1024). Goals: AttnLRP (chunked attention) <= 1.1x the plain pass's
 peak memory and <= 1.2x its time. Rows: ``plain`` (SDPA, input gradient), ``lrp`` (the whole
 patched model), ``attn-only`` (unpatched model, only the attention swapped for the chunked
@@ -36,7 +36,7 @@ def attention_only(model):
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     from transformers.modeling_utils import AttentionInterface
 
-    from lrp_kernels.attention import attnlrp_attention
+    from lrp_kernels.ops.attention import attnlrp_attention
 
     def attn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
              softcap=None, is_causal=None, **kwargs):
@@ -62,7 +62,7 @@ def attention_only(model):
 
 def attention_only_rows(model, lens, device) -> list:
     """Time / peak of forward + input gradient with only the attention swapped (no patch)."""
-    from lrp_kernels.profile import _explain_once, _frozen
+    from lrp_kernels.tools.profile import _explain_once, _frozen
 
     rows = []
     with _frozen(model), attention_only(model):
@@ -75,7 +75,7 @@ def attention_only_rows(model, lens, device) -> list:
 
 
 def model_bench(args) -> int:
-    from lrp_kernels.profile import build_model, format_table, profile
+    from lrp_kernels.tools.profile import build_model, format_table, profile
 
     lens = [int(s) for s in args.seq.split(",")] if args.seq else ([512, 1024] if args.quick else [4096, 8192, 16384])
     device = args.device or "cpu"
@@ -120,7 +120,7 @@ def _cuda_time(fn, reps: int = 5, warmup: int = 2) -> tuple[float, int]:
 def kernel_bench(args) -> int:
     import torch.nn.functional as F
 
-    from lrp_kernels.attention import attnlrp_attention
+    from lrp_kernels.ops.attention import attnlrp_attention
 
     if not torch.cuda.is_available():
         print("--kernel needs a CUDA device", file=sys.stderr)

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lrp_kernels import dispatch  # noqa: E402
+from lrp_kernels.backends import dispatch  # noqa: E402
 from lrp_kernels.ops import norm as norm_ops  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     if not ok:
         print(f"cpp backend unavailable: {why}", file=sys.stderr)
         return 1
-    from lrp_kernels import _cpp
+    from lrp_kernels.backends import cpp as _cpp
 
     t0 = time.perf_counter()
     _cpp.load_extension()

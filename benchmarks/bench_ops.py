@@ -48,7 +48,7 @@ def rel_err(got, want) -> float:
 
 
 def impls(op: str):
-    from lrp_kernels import dispatch
+    from lrp_kernels.backends import dispatch
 
     dispatch.backend_status("triton")  # loads the kernels
     reg = dispatch._REGISTRY[op]
@@ -90,7 +90,7 @@ def bench_linear(quick: bool, views) -> list[dict]:
             t_torch = bench(lambda: fallback(g, x, w, b, z, 1e-6, relevance))
             t_gemm = bench(lambda: g @ w)
             err = rel_err(fused(g, x, w, b, z, 1e-6, relevance), fallback(g, x, w, b, z, 1e-6, relevance))
-            from lrp_kernels.triton.linear_epsilon import _eps_gemm_tuned
+            from lrp_kernels.backends.triton.linear_epsilon import _eps_gemm_tuned
             config = str(getattr(_eps_gemm_tuned, "best_config", ""))
             flops = 2 * s * n_out * k_in
             nbytes = 2 * (2 * s * n_out + n_out * k_in + (2 if relevance else 1) * s * k_in)

@@ -18,11 +18,7 @@ timeout 120 $PY -m pytest tests/test_attention.py tests/test_profile.py -m gpu -
 echo "== 2/3 flash-AttnLRP vs SDPA" | tee "$LOG/kernel.log"
 timeout 45 $PY benchmarks/bench_long_context.py --kernel --seq 4096,16384 2>&1 | tee -a "$LOG/kernel.log" || status=1
 echo "== 3/3 Llama-3-8B-shape profile (8k, 32k, checkpointing)" | tee "$LOG/profile.log"
-if [ -f lrp_kernels/patch.py ]; then
-  timeout 130 $PY -m lrp_kernels.cli profile --model llama-3-8b-shape --seq 8192,32768 --device cuda \
-    --dtype bf16 --checkpointing --no-progress 2>&1 | tee -a "$LOG/profile.log" || status=1
-else
-  echo "lrp_kernels/patch.py not present: skipped" | tee -a "$LOG/profile.log"
-fi
+timeout 130 $PY -m lrp_kernels.cli profile --model llama-3-8b-shape --seq 8192,32768 --device cuda \
+  --dtype bf16 --checkpointing --no-progress 2>&1 | tee -a "$LOG/profile.log" || status=1
 echo "== done (status $status); logs in $LOG"
 exit $status

@@ -1,19 +1,46 @@
 """lrp_kernels: fast, exact Layer-wise Relevance Propagation (AttnLRP) for PyTorch transformers.
 
-Layers, from the user down: public API (``functional``, ``grad``, ``modules``, ...) ->
-rule (:mod:`lrp_kernels.ops`) -> :mod:`lrp_kernels.dispatch` -> backend (torch, cpp, triton).
+One subpackage per paradigm; data flows one way, from the user down::
+
+    public API  ->  rule (ops/)  ->  dispatcher (backends/dispatch.py)  ->  backend (torch, cpp, triton)
+
+============================  ===============================================================
+``lrp_kernels.ops``           every rule once: math, torch backend, autograd Function; the
+                              drop-ins ``functional`` (relevance view), ``grad`` (gradient
+                              view), ``modules``; the AttnLRP attention block
+``lrp_kernels.backends``      the dispatcher (the only code that knows devices), C++, Triton
+``lrp_kernels.explicit``      LXT-style: rules for whole modules, ``Composite``, fx tracing
+``lrp_kernels.hooks``         Zennit-style: ``Hook`` / ``BasicHook``, rules, composites
+``lrp_kernels.hf``            Hugging Face: ``patch``, model families, ``latent``
+``lrp_kernels.explanations``  ``explain``, ``Explanation``, text and image heatmaps
+``lrp_kernels.tools``         ``check`` (conservation), ``compare`` (backends), ``profile``
+``lrp_kernels.cli``           the ``lrp-kernels`` command
+============================  ===============================================================
+
+The short names users type are here: ``lrp_kernels.patch``, ``explain``, ``functional``,
+``grad``, ``modules``, ``rules``, ``Composite``, ``hooks``, ``check``, ``latent``.
 """
-from . import ops  # noqa: F401  (registers the torch kernels)
-from . import functional, grad, modules  # noqa: F401
-from .dispatch import (BackendUnavailableError, available_backends, current_backend,  # noqa: F401
-                       use_backend)
-from .ops._common import stabilize  # noqa: F401
-from . import check, rules  # noqa: F401  (conservation check mode; LXT-style rules)
-from .composite import Composite  # noqa: F401
-from . import hook_composites, hooks, imaging, lrp_rules  # noqa: F401  (Zennit-style rules, composites, image heatmaps)
-from .attention import attnlrp_attention  # noqa: F401  (fused AttnLRP attention block)
-from . import latent  # noqa: F401  (relevance of hidden states in the same backward)
-from .patch import PatchHandle, UnsupportedModelError, patch  # noqa: F401  (Hugging Face model patches)
-from .explain import Explanation, explain  # noqa: F401  (user-facing API; shadows the module name)
+import sys as _sys
+
+from . import ops
+from .ops import functional, grad, modules
+from .ops._common import DEFAULT_EPSILON, stabilize
+from .ops.attention import attnlrp_attention
+from .backends import BackendUnavailableError, available_backends, current_backend, use_backend
+from .explicit import Composite, rules
+from . import hooks
+from .tools import check
+from .hf import PatchHandle, UnsupportedModelError, latent, patch
+from .explanations import Explanation, explain
+
+# `import lrp_kernels.functional as lf` (and the other short names) load the real module
+for _name, _module in {"functional": functional, "grad": grad, "modules": modules, "rules": rules,
+                       "check": check, "latent": latent}.items():
+    _sys.modules[f"{__name__}.{_name}"] = _module
 
 __version__ = "0.1.0"
+
+__all__ = ["functional", "grad", "modules", "rules", "Composite", "hooks", "check", "latent",
+           "patch", "PatchHandle", "UnsupportedModelError", "explain", "Explanation",
+           "attnlrp_attention", "stabilize", "DEFAULT_EPSILON", "available_backends",
+           "current_backend", "use_backend", "BackendUnavailableError", "ops"]

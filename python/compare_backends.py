@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Do the backends agree? Per kernel op (vs a float64 oracle) and end to end (a heatmap).
 
-1. ``lrp_kernels.compare``: every kernel op on every available backend vs the float64 oracle
+1. ``lrp_kernels.tools.compare``: every kernel op on every available backend vs the float64 oracle
    of SPEC.md and vs the torch backend (what ``lrp-kernels compare`` prints);
-2. end to end: ``lrp_kernels.explain`` on the shipped recall model with each available
+2. end to end: ``lrp_kernels.explanations.api`` on the shipped recall model with each available
    backend, relevance compared with the torch backend's.
 
     python python/compare_backends.py [--sizes 37,45,29] [--device cpu]
@@ -22,7 +22,7 @@ if not torch.cuda.is_available():  # before triton is first imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import lrp_kernels  # noqa: E402
-from lrp_kernels import compare as cmp  # noqa: E402
+from lrp_kernels.tools import compare as cmp  # noqa: E402
 from lrp_kernels.cli.explain import SHIPPED_MODEL  # noqa: E402
 
 
@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", default="k7 23 ; k3 19 ; k12 5 ; ? k3")
     args = ap.parse_args(argv)
 
-    sizes = cmp.parse_sizes(args.sizes)
+    sizes = tuple(int(v) for v in args.sizes.split(","))
     ops = args.ops.split(",") if args.ops else None
     backends = args.backends.split(",") if args.backends else None
     rows = cmp.compare(sizes, torch.float32, args.device, ops, backends)

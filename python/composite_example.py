@@ -12,7 +12,7 @@ from torch import nn
 
 import lrp_kernels.functional as lf
 from lrp_kernels import check, modules, rules
-from lrp_kernels.composite import Composite
+from lrp_kernels.explicit.composite import Composite
 
 
 class RootMeanSquareNorm(nn.Module):

@@ -7,9 +7,9 @@ gamma)`` and saves one heatmap per pair in a grid (rows: conv gamma, columns: li
 
 Rules (gradient view, relevance = pixels * pixels.grad):
 
-* attention, LayerNorm, GELU, residuals: :func:`lrp_kernels.patch` (AttnLRP);
-* ``nn.Linear`` and the patch-embedding ``nn.Conv2d``: :class:`lrp_kernels.lrp_rules.Gamma`
-  through :class:`lrp_kernels.hook_composites.LayerMapComposite`, registered on top of the
+* attention, LayerNorm, GELU, residuals: :func:`lrp_kernels.hf.patching` (AttnLRP);
+* ``nn.Linear`` and the patch-embedding ``nn.Conv2d``: :class:`lrp_kernels.hooks.rules.Gamma`
+  through :class:`lrp_kernels.hooks.composites.LayerMapComposite`, registered on top of the
   patch and removed after each grid cell (the patch stays).
 
 Usage::
@@ -35,9 +35,9 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from lrp_kernels.hook_composites import LayerMapComposite  # noqa: E402
-from lrp_kernels.imaging import imgify  # noqa: E402
-from lrp_kernels.lrp_rules import Gamma  # noqa: E402
+from lrp_kernels.hooks.composites import LayerMapComposite  # noqa: E402
+from lrp_kernels.explanations.imaging import imgify  # noqa: E402
+from lrp_kernels.hooks.rules import Gamma  # noqa: E402
 
 DEFAULT_CONV_GAMMAS = (0.1, 0.5, 100.0)
 DEFAULT_LINEAR_GAMMAS = (0.0, 0.01, 0.05, 0.1, 1.0)
@@ -81,7 +81,7 @@ def attnlrp_patch(model: nn.Module, use_patch: bool = True):
     try:
         from lrp_kernels import patch
     except ImportError:  # older checkout without model patches: gamma rules alone
-        print("lrp_kernels.patch unavailable: using the gamma rules alone", file=sys.stderr)
+        print("lrp_kernels.hf.patching unavailable: using the gamma rules alone", file=sys.stderr)
         return None
     return patch(model)
 

@@ -3,7 +3,7 @@
 
 Profiles one explanation (forward + backward of the top next-token logit, relevance =
 ``inputs_embeds * inputs_embeds.grad``) at growing sequence lengths with
-:func:`lrp_kernels.profile.profile`, next to a plain forward + input-gradient pass of the same
+:func:`lrp_kernels.tools.profile.profile`, next to a plain forward + input-gradient pass of the same
 model, and plots time and peak memory against length (``--plot``, needs matplotlib)::
 
     PYTHONPATH=. python python/profile_long_context.py --model llama-tiny --seq 256,512,1024 --plot out.png
@@ -33,7 +33,7 @@ def parse(argv):
 
 
 def main(argv=None) -> int:
-    from lrp_kernels.profile import build_model, format_table, profile
+    from lrp_kernels.tools.profile import build_model, format_table, profile
 
     args = parse(argv)
     lens = [int(s) for s in args.seq.split(",")]

@@ -1,6 +1,6 @@
 """An explicit relevance-view (R-view) Llama forward written with lrp_kernels.functional.
 
-Independent of lrp_kernels.patch and of transformers' modeling code: it reads the weights of a
+Independent of lrp_kernels.hf.patching and of transformers' modeling code: it reads the weights of a
 ``LlamaForCausalLM`` and recomputes the network with the explicit drop-ins, so that
 ``logits.backward(R_logits)`` leaves the *relevance* (not a gradient) in ``inputs_embeds.grad``.
 

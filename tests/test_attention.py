@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import oracle
-from lrp_kernels import dispatch
-from lrp_kernels.attention import _Spec, attnlrp_attention
+from lrp_kernels.backends import dispatch
+from lrp_kernels.ops.attention import _Spec, attnlrp_attention
 
 EPS = 1e-6
 
@@ -26,7 +26,7 @@ def triton_ok() -> bool:
 
 
 IMPLS = ["eager", "chunked", pytest.param("flash", marks=pytest.mark.skipif(
-    "not __import__('lrp_kernels').dispatch.backend_status('triton')[0]", reason="triton unavailable"))]
+    "not __import__('lrp_kernels').backends.backend_status('triton')[0]", reason="triton unavailable"))]
 
 
 def rel_err(a, b) -> float:
@@ -189,7 +189,7 @@ def test_non_contiguous_inputs(impl):
 def test_flash_low_precision_code_path(monkeypatch):
     """The bf16 branch of the kernels (operands cast for the dots) runs and stays exact when the
     cast is a no-op (fp32 tensors): the interpreter cannot check bf16 arithmetic itself."""
-    from lrp_kernels.triton import flash_attnlrp
+    from lrp_kernels.backends.triton import flash_attnlrp
 
     monkeypatch.setattr(flash_attnlrp, "_lowp", lambda q: True)
     gen = torch.Generator().manual_seed(13)
@@ -204,7 +204,7 @@ def test_flash_low_precision_code_path(monkeypatch):
 @pytest.mark.parametrize("case", ["causal_kv_cache", "causal_fewer_keys", "window", "gqa_causal_pad"])
 def test_flash_unequal_blocks(monkeypatch, bm, bn, case):
     """The GPU uses BLOCK_M != BLOCK_N: the causal / window loop bounds must hold for those too."""
-    from lrp_kernels.triton import flash_attnlrp
+    from lrp_kernels.backends.triton import flash_attnlrp
 
     monkeypatch.setattr(flash_attnlrp, "_blocks", lambda d, kind: (bm, bn, 4, 1))
     gen = torch.Generator().manual_seed(zlib.crc32(case.encode()))
@@ -218,7 +218,7 @@ def test_flash_unequal_blocks(monkeypatch, bm, bn, case):
 @pytest.mark.parametrize("fwd,bwd", [((128, 64), (64, 64)), ((128, 32), (64, 32))])
 def test_flash_gpu_block_table_on_longer_rows(monkeypatch, fwd, bwd):
     """The GPU's block table (d <= 64 and d <= 128 rows) on a sequence spanning several blocks."""
-    from lrp_kernels.triton import flash_attnlrp
+    from lrp_kernels.backends.triton import flash_attnlrp
 
     monkeypatch.setattr(flash_attnlrp, "_blocks", lambda d, kind: (*(fwd if kind == "fwd" else bwd), 4, 1))
     gen = torch.Generator().manual_seed(21)

@@ -1,4 +1,4 @@
-"""``lrp-kernels compare`` / ``python -m lrp_kernels.compare`` on tiny sizes."""
+"""``lrp-kernels compare`` (:mod:`lrp_kernels.cli.compare` over :mod:`lrp_kernels.tools.compare`) on tiny sizes."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from lrp_kernels import compare, dispatch
+from lrp_kernels.backends import dispatch
+from lrp_kernels.tools import compare
 from lrp_kernels.cli import main as cli_main
 
 TINY = ["--sizes", "5,7,3"]
@@ -96,7 +97,7 @@ def test_oracle_matches_tests_oracle():
 
 def test_module_entry_point():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    res = subprocess.run([sys.executable, "-m", "lrp_kernels.compare", *TINY, "--ops",
+    res = subprocess.run([sys.executable, "-m", "lrp_kernels.cli", "compare", *TINY, "--ops",
                           "matmul_ue_backward", "--backends", "torch,triton"],
                          capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr

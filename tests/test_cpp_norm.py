@@ -31,13 +31,13 @@ import pytest
 import torch
 
 import oracle as O
-from lrp_kernels import dispatch
+from lrp_kernels.backends import dispatch
 from lrp_kernels import functional as F
 from lrp_kernels import grad as G
-from lrp_kernels.dispatch import BackendUnavailableError
+from lrp_kernels.backends.dispatch import BackendUnavailableError
 
 dispatch._ensure_loaded("cpp")
-from lrp_kernels import _cpp  # noqa: E402  (registered by the line above, as dispatch does it)
+from lrp_kernels.backends import cpp as _cpp  # noqa: E402  (registered by the line above, as dispatch does it)
 
 REPO = Path(__file__).resolve().parents[1]
 CSRC = _cpp.source_dir() or REPO / "csrc"  # shipped in the package, or the checkout's top level
@@ -434,8 +434,8 @@ def test_interrupted_build_is_recovered(ext, tmp_path):
         marker.unlink()
         (d / "lock").write_text("")
         _write_lock(d / "build.lock", _dead_pid())
-        code = ("import torch\nfrom lrp_kernels import dispatch\ndispatch._ensure_loaded('cpp')\n"
-                "from lrp_kernels import _cpp\nm = _cpp.load_extension()\n"
+        code = ("import torch\nfrom lrp_kernels.backends import dispatch\ndispatch._ensure_loaded('cpp')\n"
+                "from lrp_kernels.backends import cpp as _cpp\nm = _cpp.load_extension()\n"
                 "x = torch.randn(3, 16)\nprint(float(m.rms_norm_forward(x, None, 1e-6)[1].sum()))\n")
         env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         env.pop(_cpp.ENV_DISABLE, None)

@@ -12,8 +12,8 @@ import torch
 
 import lrp_kernels
 import lrp_kernels.functional as F
-from lrp_kernels import dispatch
-from lrp_kernels.dispatch import BackendUnavailableError
+from lrp_kernels.backends import dispatch
+from lrp_kernels.backends.dispatch import BackendUnavailableError
 
 FAKE_OPS = ("identity_backward", "linear_epsilon_backward")
 

@@ -14,5 +14,5 @@ def test_composite_example_runs():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     for word in ("EpsilonRule", "IdentityRule", "wrapped", "no violation", "drop-ins give the same relevance: True",
-                 "lrp_kernels_functional_softmax", "handled", "ok"):
+                 "lrp_kernels_ops_functional_softmax", "handled", "ok"):
         assert word in out, (word, out)

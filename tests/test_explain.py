@@ -1,4 +1,4 @@
-"""lrp_kernels.explain on a tiny random Llama built from a config (word-level tokenizer).
+"""lrp_kernels.explanations.api on a tiny random Llama built from a config (word-level tokenizer).
 
 References are independent: plain autograd on the full-logit forward (gradient x input), and
 linearity of the backward in its seed (continuation = sum of token explanations, contrast =
@@ -13,13 +13,13 @@ import sys
 import pytest
 import torch
 
-from lrp_kernels.explain import Explanation, ExplainError, PromptTooLongError, explain
+from lrp_kernels.explanations.api import Explanation, ExplainError, PromptTooLongError, explain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "python"))
 import train_recall_model as task  # noqa: E402  (vocabulary, tokenizer, prompt generator)
 
-HAS_PATCH = importlib.util.find_spec("lrp_kernels.patch") is not None
+HAS_PATCH = importlib.util.find_spec("lrp_kernels.hf.patching") is not None
 RULES = ["gradient"] + (["attnlrp"] if HAS_PATCH else [])
 
 

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from lrp_kernels import heatmap as hm
+from lrp_kernels.explanations import heatmap as hm
 
 
 def test_clean_tokens_markers_and_bytes():

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from lrp_kernels import lrp_rules as R
-from lrp_kernels.hook_composites import (LayerMapComposite, NameMapComposite,
+from lrp_kernels.hooks import rules as R
+from lrp_kernels.hooks.composites import (LayerMapComposite, NameMapComposite,
                                          SpecialFirstLayerMapComposite)
-from lrp_kernels.hooks import BasicHook, Hook, ParamMod, stabilize
+from lrp_kernels.hooks.core import BasicHook, Hook, ParamMod, stabilize
 
 f64 = torch.float64
 EPS = 1e-6
@@ -591,7 +591,7 @@ def test_generic_rule_path_reports_to_the_conservation_check():
 
 
 def test_named_composites_assign_the_documented_rules():
-    from lrp_kernels import hook_composites as HC
+    from lrp_kernels.hooks import composites as HC
 
     class CNN(nn.Module):
         def __init__(self):

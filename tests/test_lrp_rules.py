@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from lrp_kernels import lrp_rules as R
+from lrp_kernels.hooks import rules as R
 
 f64 = torch.float64
 
@@ -279,7 +279,7 @@ def test_conservation_without_bias():
 def test_epsilon_linear_fast_path_matches_generic():
     """Epsilon on nn.Linear goes through the linear_epsilon_backward kernel op; the generic
     BasicHook (default arguments) gives the same numbers, in both views."""
-    from lrp_kernels.hooks import BasicHook
+    from lrp_kernels.hooks.core import BasicHook
     torch.manual_seed(5)
     layer = nn.Linear(8, 5).double()
     x = torch.randn(4, 8, dtype=f64)
@@ -368,7 +368,7 @@ def test_rules_on_cuda_match_float64_reference(name, kw, kind):
 def test_gamma_linear_kernel_op_matches_generic_basic_hook(relevance, zero_params):
     """Gamma on nn.Linear runs the linear_gamma_backward op; a callable stabiliser forces the
     generic four-copy BasicHook path: same numbers (inputs with exact zeros, 3-D batch)."""
-    from lrp_kernels.hooks import stabilize
+    from lrp_kernels.hooks.core import stabilize
     torch.manual_seed(10)
     layer = nn.Linear(9, 7).double()
     x = torch.randn(2, 3, 9, dtype=f64)
@@ -399,7 +399,7 @@ def _gamma_case(seed, shape=(2, 19, 45), n_out=29, bias=True, zeros=True, dtype=
 @pytest.mark.parametrize("with_z", [False, True])
 def test_linear_gamma_triton_matches_torch_and_float64(relevance, bias, with_z):
     """Odd sizes (not multiples of the tile), a non-contiguous x, exact zeros, both views."""
-    from lrp_kernels import dispatch
+    from lrp_kernels.backends import dispatch
     from lrp_kernels.ops.linear_gamma import linear_gamma_backward_torch
     if not dispatch.backend_status("triton")[0]:
         pytest.skip("triton backend unavailable")
@@ -436,7 +436,7 @@ def test_linear_gamma_torch_op_matches_explicit_formula():
 def test_linear_gamma_triton_on_cuda(dtype, tol, relevance):
     """fp32: IEEE dots, 1e-5 norm-wise; bf16: TF32 dots on fp32-converted operands and a bf16
     result, 2e-2 norm-wise, against float64 on the same (rounded) inputs."""
-    from lrp_kernels import dispatch
+    from lrp_kernels.backends import dispatch
     from lrp_kernels.ops.linear_gamma import linear_gamma_backward_torch
     grad, x, W, b = (t.cuda() for t in _gamma_case(13, shape=(3, 67, 200), n_out=130, dtype=dtype))
     got = dispatch.call("linear_gamma_backward", grad, x, W, b, None, 0.25, 1e-6, relevance, backend="triton")

@@ -1,4 +1,4 @@
-"""lrp_kernels.patch: instance scope, errors for unknown parts, checkpointing, padding, bf16,
+"""lrp_kernels.hf.patching: instance scope, errors for unknown parts, checkpointing, padding, bf16,
 accelerate device maps, MoE router rule, quantised (non-nn.Linear) linears."""
 
 import pytest
@@ -7,7 +7,7 @@ import transformers as tr
 from torch import nn
 
 import lrp_kernels
-from lrp_kernels.patch import UnsupportedModelError
+from lrp_kernels.hf.patching import UnsupportedModelError
 from test_patch_utils import build, make_inputs, relevance
 
 

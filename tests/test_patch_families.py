@@ -87,7 +87,7 @@ def test_long_sequence_uses_chunked_attention_and_matches_reference(family):
 
 
 def test_chunked_attention_is_used(monkeypatch):
-    from lrp_kernels import attention
+    from lrp_kernels.ops import attention
     calls = []
     original = attention.AttnLRPFn.apply
     monkeypatch.setattr(attention.AttnLRPFn, "apply", lambda *a: calls.append(1) or original(*a))

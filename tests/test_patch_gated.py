@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as tF
 
 import oracle
-from lrp_kernels.models._rules import GatedProductFn
+from lrp_kernels.hf.installers import GatedProductFn
 
 EPS = 1e-6
 

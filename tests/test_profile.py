@@ -1,4 +1,4 @@
-"""lrp_kernels.profile and ``lrp-kernels profile`` on a tiny random Llama (CPU)."""
+"""lrp_kernels.tools.profile and ``lrp-kernels profile`` on a tiny random Llama (CPU)."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lrp_kernels.cli import main
-from lrp_kernels.profile import build_model, format_table, profile
+from lrp_kernels.tools.profile import build_model, format_table, profile
 
 
 def test_profile_rows_tiny_model():

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.join(ROOT, "python"))
 import train_recall_model as task  # noqa: E402
 
 from lrp_kernels.cli.explain import SHIPPED_MODEL  # noqa: E402
-from lrp_kernels.explain import explain  # noqa: E402
+from lrp_kernels.explanations.api import explain  # noqa: E402
 
 task.use_format_of(SHIPPED_MODEL)
 HELD_OUT_SEED = 20261127  # not a training seed (training streams: seed, seed + 1, seed + 2)
@@ -116,7 +116,7 @@ def test_gpu_backends_agree_and_point_at_span(shipped, dtype, tol):
 
 @pytest.mark.parametrize("rules", ["attnlrp", "cp-lrp"])
 def test_explain_equals_manual_patch_recipe(shipped, rules):
-    """explain() == the documented G-view recipe written out by hand with lrp_kernels.patch
+    """explain() == the documented G-view recipe written out by hand with lrp_kernels.hf.patching
     (full logits, no padding), and differs from plain gradient x input."""
     import lrp_kernels
     model, tok = shipped

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import lrp_kernels
-from lrp_kernels import dispatch
+from lrp_kernels.backends import dispatch
 
 pytest.importorskip("triton")
 import oracle  # noqa: E402  (tests/ is on sys.path under pytest)
@@ -32,7 +32,7 @@ import oracle  # noqa: E402  (tests/ is on sys.path under pytest)
 TRITON_OK, TRITON_WHY = dispatch.backend_status("triton")
 pytestmark = pytest.mark.skipif(not TRITON_OK, reason=f"triton backend unavailable: {TRITON_WHY}")
 
-import lrp_kernels.triton as tb  # noqa: E402
+import lrp_kernels.backends.triton as tb  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -128,7 +128,7 @@ def test_linear_vs_torch_noncontiguous(poison, relevance, recompute):
 @pytest.mark.parametrize("relevance", [True, False])
 def test_swapped_tile_variant(poison, monkeypatch, relevance):
     """The SWAP_AB config (transposed tile W^T @ h^T, autotuned on GPU) gives the same result."""
-    from lrp_kernels.triton import linear_epsilon as lin
+    from lrp_kernels.backends.triton import linear_epsilon as lin
     for name in ("INTERPRET_CONFIG", "FIXED_CONFIG"):
         monkeypatch.setitem(getattr(lin, name), "SWAP_AB", True)
     gen = torch.Generator().manual_seed(13 + relevance)
@@ -221,7 +221,7 @@ def test_softmax_vs_oracle_and_torch(poison, relevance, shape, dim, temperature)
 @pytest.mark.parametrize("per_program", [1, 64, 4096])
 def test_softmax_rows_per_program(poison, monkeypatch, per_program):
     """1, 2 (with a partial last program) or many short rows per program: same result."""
-    from lrp_kernels.triton import softmax_dt
+    from lrp_kernels.backends.triton import softmax_dt
     monkeypatch.setattr(softmax_dt, "ELEMS_PER_PROGRAM_INTERPRET", per_program)
     monkeypatch.setattr(softmax_dt, "ELEMS_PER_PROGRAM", per_program)
     gen = torch.Generator().manual_seed(per_program)
@@ -309,7 +309,7 @@ def test_broadcast_matmul_falls_back_with_reason():
     a, b = torch.randn(2, 3, 5, 4, device=DEV), torch.randn(4, 6, device=DEV)
     g = torch.randn(2, 3, 5, 6, device=DEV)
     args = (g, a, b, None, 1e-6, True, True, True)
-    from lrp_kernels.triton.matmul_ue import supports
+    from lrp_kernels.backends.triton.matmul_ue import supports
     assert "broadcast" in supports(*args)
     with pytest.raises(dispatch.BackendUnavailableError, match="broadcast"):
         with lrp_kernels.use_backend("triton"):
@@ -318,8 +318,8 @@ def test_broadcast_matmul_falls_back_with_reason():
 
 
 def test_supports_reasons(monkeypatch):
-    from lrp_kernels.triton.linear_epsilon import supports as lin
-    from lrp_kernels.triton.softmax_dt import supports as sm
+    from lrp_kernels.backends.triton.linear_epsilon import supports as lin
+    from lrp_kernels.backends.triton.softmax_dt import supports as sm
     x = torch.randn(3, 4, dtype=torch.float64, device=DEV)
     w = torch.randn(5, 4, dtype=torch.float64, device=DEV)
     g64 = torch.randn(3, 5, dtype=torch.float64, device=DEV)
@@ -346,7 +346,7 @@ def test_probe_reason_without_cuda(monkeypatch):
 
 def test_import_without_triton_never_crashes():
     code = ("import sys; sys.modules['triton'] = None\n"
-            "from lrp_kernels import dispatch\n"
+            "from lrp_kernels.backends import dispatch\n"
             "ok, why = dispatch.backend_status('triton')\n"
             "assert not ok and 'not importable' in why, why\n"
             "print('OK', why)")

@@ -1,13 +1,13 @@
-"""Vision: image heatmaps (lrp_kernels.imaging) and gamma rules on a tiny Hugging Face ViT,
-alone and on top of the AttnLRP model patch (lrp_kernels.patch)."""
+"""Vision: image heatmaps (lrp_kernels.explanations.imaging) and gamma rules on a tiny Hugging Face ViT,
+alone and on top of the AttnLRP model patch (lrp_kernels.hf.patching)."""
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from lrp_kernels import lrp_rules as R
-from lrp_kernels.hook_composites import LayerMapComposite
-from lrp_kernels.imaging import diverging_colors, heatmap_grid, imgify
+from lrp_kernels.hooks import rules as R
+from lrp_kernels.hooks.composites import LayerMapComposite
+from lrp_kernels.explanations.imaging import diverging_colors, heatmap_grid, imgify
 
 transformers = pytest.importorskip("transformers")
 
@@ -91,7 +91,7 @@ def _assert_clean(model, state):
 def test_gamma_zero_on_top_of_patch_equals_the_patch():
     """The patch gives Linear and the patch-embedding Conv2d the epsilon rule; Gamma(0) in the
     gradient view is the same rule (LRP-0 + the same stabiliser), so the relevance must agree."""
-    patch = pytest.importorskip("lrp_kernels.patch").patch
+    patch = pytest.importorskip("lrp_kernels.hf.patching").patch
     model = tiny_vit()
     pixels = torch.randn(1, 3, 8, 8, dtype=torch.float64)
     state = _state(model)
@@ -111,7 +111,7 @@ def test_gamma_zero_on_top_of_patch_equals_the_patch():
 def test_gamma_hooks_on_patch_match_explicit_last_layer():
     """Only the classifier head hooked (Gamma, gradient view): its input relevance is the explicit
     gamma formula on the head's weight matrix."""
-    patch = pytest.importorskip("lrp_kernels.patch").patch
+    patch = pytest.importorskip("lrp_kernels.hf.patching").patch
     model = tiny_vit()
     pixels = torch.randn(1, 3, 8, 8, dtype=torch.float64)
     head = model.classifier
@@ -190,7 +190,7 @@ def test_gamma_hooks_combine_with_the_traced_composite():
 
     import torch.nn.functional as F
 
-    composite = pytest.importorskip("lrp_kernels.composite")
+    composite = pytest.importorskip("lrp_kernels.explicit.composite")
     lf = pytest.importorskip("lrp_kernels.functional")
     rules = pytest.importorskip("lrp_kernels.rules")
     ops = {operator.add: lf.add2, torch.matmul: lf.matmul, F.softmax: lf.softmax, torch.softmax: lf.softmax,
@@ -225,7 +225,7 @@ def test_gamma_hooks_combine_with_the_traced_composite():
 
 
 def test_gamma_on_patched_vit_same_with_gradient_checkpointing():
-    patch = pytest.importorskip("lrp_kernels.patch").patch
+    patch = pytest.importorskip("lrp_kernels.hf.patching").patch
     model = tiny_vit()
     model.train()  # HF only checkpoints in training mode; dropout is 0 in the config
     pixels = torch.randn(1, 3, 8, 8, dtype=torch.float64)

@@ -21,7 +21,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from .. import _cpp
+    from ..backends import cpp as _cpp
 
     if _cpp.disabled():
         raise CLIError(f"the C++ backend is disabled by {_cpp.ENV_DISABLE}=1; unset it to build")

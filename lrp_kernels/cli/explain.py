@@ -151,7 +151,7 @@ def load(model_id: str, tokenizer_id: str, dtype: str, device: str, progress: bo
 def run(args) -> int:
     import torch
 
-    from ..explain import ExplainError, explain
+    from ..explanations.api import ExplainError, explain
 
     prompt = _read_prompt(args)
     if args.out:
@@ -171,7 +171,7 @@ def run(args) -> int:
     model, tok = load(model_id, args.tokenizer or model_id, args.dtype, device,
                       not args.no_progress)
 
-    from ..explain import unknown_pieces
+    from ..explanations.api import unknown_pieces
     unknown = unknown_pieces(tok, prompt)
     if unknown:
         raise CLIError(f"the model's tokenizer does not know {', '.join(map(repr, unknown[:5]))} "
@@ -193,7 +193,7 @@ def run(args) -> int:
     except ExplainError as err:
         raise CLIError(str(err)) from None
     except Exception as err:
-        from ..dispatch import BackendUnavailableError
+        from ..backends.dispatch import BackendUnavailableError
         if isinstance(err, BackendUnavailableError):
             raise CLIError(f"--backend {args.backend}: {err}") from None
         raise
@@ -210,7 +210,7 @@ def run(args) -> int:
         for idx, token, r in exp.top(args.top, absolute=True):
             print(f"    {idx:>5}  {token!r:<20} {r:+.4g}")
     if args.out:
-        from ..heatmap import HeatmapError
+        from ..explanations.heatmap import HeatmapError
         root, ext = os.path.splitext(args.out)
         try:
             for i, exp in enumerate(exps):

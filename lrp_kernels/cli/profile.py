@@ -50,7 +50,7 @@ def _seq_lens(text: str) -> list[int]:
 def run(args) -> int:
     import torch
 
-    from ..profile import NAMED_MODELS, build_model, format_table, profile
+    from ..tools.profile import NAMED_MODELS, build_model, format_table, profile
 
     lens = _seq_lens(args.seq)
     if args.batch <= 0:

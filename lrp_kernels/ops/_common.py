@@ -1,5 +1,5 @@
 """Shared pieces of every rule: the stabiliser, input checks, the forward-time backend pin and
-the (near-free when inactive) hooks of the conservation check mode (:mod:`lrp_kernels.check`)."""
+the (near-free when inactive) hooks of the conservation check mode (:mod:`lrp_kernels.tools.check`)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -72,7 +72,7 @@ def pin_backend(backend: Optional[str]) -> Optional[str]:
     is thread-local and autograd runs CUDA backward passes on its own worker threads, which
     would not see it. ``None`` (no choice made) leaves it to ``dispatch`` at backward time.
     """
-    from .. import dispatch
+    from ..backends import dispatch
 
     if backend is None:
         return dispatch.forced_backend()
@@ -85,7 +85,7 @@ def pin_backend(backend: Optional[str]) -> Optional[str]:
     return backend
 
 
-# ---- hook for the conservation check mode (lrp_kernels.check) ------------------------------
+# ---- hook for the conservation check mode (lrp_kernels.tools.check) ------------------------------
 # The active recorder is process-wide, not thread-local: CUDA backward passes run on autograd
 # worker threads. When no check is active (the normal case) each hook costs one global read.
 _RECORDER = None

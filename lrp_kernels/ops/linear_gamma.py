@@ -13,10 +13,10 @@ Relevance view: ``R_x = x+ * A + x- * B``.
 Gradient view (``R_z = G_z * z`` with ``z`` the layer's actual output: pass it when the rule's
 bias differs from the layer's, else ``z = (den_p + den_n) / (2 + gamma)``): ``G_x = A`` where ``x > 0``, ``B`` where ``x < 0``, ``A + B`` at
 ``x = 0`` (the derivative of ``x+ A + x- B`` with ``A, B`` held constant, as the generic
-:class:`lrp_kernels.hooks.BasicHook` computes it). ``gamma = 0`` is the epsilon rule.
+:class:`lrp_kernels.hooks.core.BasicHook` computes it). ``gamma = 0`` is the epsilon rule.
 
 This is the op ``linear_gamma_backward(grad_z, x, weight, bias, z, gamma, epsilon, relevance)``
-used by :class:`lrp_kernels.lrp_rules.Gamma` on ``nn.Linear``; the torch backend below is four
+used by :class:`lrp_kernels.hooks.rules.Gamma` on ``nn.Linear``; the torch backend below is four
 GEMMs per pass, the triton backend (``lrp_kernels/triton/linear_gamma.py``) fuses the sign
 splits, the stabiliser and the selection into two kernels.
 """
@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from .. import dispatch
+from ..backends import dispatch
 from ._common import compute_dtype, stabilize
 
 

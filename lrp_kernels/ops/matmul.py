@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from .. import dispatch
+from ..backends import dispatch
 from ._common import (DEFAULT_EPSILON, check_epsilon, check_float, check_same_device,
                       check_same_dtype, compute_dtype, pin_backend, record_backward, record_forward, stabilize)
 

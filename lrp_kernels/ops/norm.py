@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from .. import dispatch
+from ..backends import dispatch
 from ._common import (check_epsilon, check_float, check_same_device, compute_dtype, is_zero, pin_backend,
                       record_backward, record_forward, stabilize)
 

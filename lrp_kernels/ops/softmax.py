@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from .. import dispatch
+from ..backends import dispatch
 from ._common import check_float, compute_dtype, pin_backend, record_backward, record_forward, zero_masked
 
 

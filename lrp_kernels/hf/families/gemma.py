@@ -1,0 +1,31 @@
+"""Gemma 1/2/3 (text): RMSNorm with ``(1 + w)``, GELU-tanh gated MLP, attention logit soft-cap
+(identity rule on the tanh, inside the attention function) and the final logit soft-cap
+``cap * tanh(logits / cap)`` (identity rule, applied on the lm_head of the patched instance: the
+config copy has ``final_logit_softcapping = None`` so transformers does not apply it twice).
+"""
+from . import Family
+from ..installers import install_gated_mlp, softcap_identity
+
+
+def _final_softcap(ctx, model) -> None:
+    config = model.config
+    cap = getattr(config, "final_logit_softcapping", None)
+    head = getattr(model, "lm_head", None)
+    if not cap or head is None:
+        return
+    ctx.set_attr(config, "final_logit_softcapping", None)
+
+    def make(orig):
+        def forward(x):
+            return softcap_identity(ctx, orig(x), float(cap))
+        return forward
+    ctx.rebind(head, make)
+
+
+FAMILY = Family(
+    name="gemma",
+    model_types=("gemma", "gemma2", "gemma3_text"),
+    module_rules={cls: install_gated_mlp for cls in ("GemmaMLP", "Gemma2MLP", "Gemma3MLP")},
+    rms_weight_offset=1.0,
+    setup=_final_softcap,
+)

@@ -1,0 +1,230 @@
+"""Reversible, instance-scoped AttnLRP / CP-LRP patches for Hugging Face transformers.
+
+::
+
+    with lrp_kernels.patch(model):                 # or: handle = lrp_kernels.patch(model)
+        emb = model.get_input_embeddings()(ids).requires_grad_()
+        logits = model(inputs_embeds=emb, use_cache=False).logits
+        logits[0, -1].max().backward()
+        relevance = (emb * emb.grad).sum(-1)         # gradient view: relevance = x * x.grad
+    # handle.remove() / leaving the block restores the model exactly
+
+What the patch does, on this model instance only (nothing class-level, nothing global except
+registering two new attention *names* in transformers' AttentionInterface):
+
+* rebinds the ``forward`` of the modules that need a rule (linears, norms, activations, gated
+  MLPs, MoE experts/routers, dropout): :mod:`lrp_kernels.hf.installers`; models dispatched with
+  accelerate keep their device hooks (the hook's ``_old_forward`` is rebound instead);
+* gives every module that holds a config a *copy* of it whose attention implementation is
+  ``lrp_kernels_attnlrp`` (or ``lrp_kernels_cplrp``): the registered adapter
+  (:mod:`lrp_kernels.hf.attention`) calls :func:`lrp_kernels.ops.attention.attnlrp_attention`;
+  the copy also has ``use_cache=False`` (no KV cache while explaining);
+* freezes every parameter (``requires_grad=False``): parameters receive no gradient;
+* on ``remove()``: every attribute it set is restored (the same config objects, forwards,
+  ``requires_grad`` flags); module objects and ``state_dict`` are never touched.
+
+Anything the patch has no rule for (a module type with parameters, a non-linearity from torch's
+or transformers' activation modules, a model type with no family) is reported by name: an error
+(:class:`UnsupportedModelError`) when ``strict=True``, a warning otherwise (those modules then
+keep their plain gradient).
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Callable, Optional
+
+from torch import nn
+
+from .families import Family, family_for
+from . import installers as R
+from .attention import ATTENTION_NAMES, OPTIONS_ATTR, register_attention
+from ..ops._common import check_epsilon
+
+_MARK = "_lrp_kernels_patch"
+_BACKENDS = ("auto", "torch", "cpp", "triton")
+# attention implementation per backend (see lrp_kernels.ops.attention: impl)
+_ATTENTION_IMPL = {"auto": "auto", "torch": "chunked", "cpp": "auto", "triton": "flash"}
+
+
+class UnsupportedModelError(ValueError):
+    """The model contains parts the patch has no LRP rule for (listed by name)."""
+
+
+class PatchHandle:
+    """Undo log of one patch; also a context manager. ``remove()`` restores the model exactly."""
+
+    def __init__(self, model: nn.Module, rules: str, epsilon: float, backend: str) -> None:
+        self.model, self.rules, self.epsilon = model, rules, float(epsilon)
+        self.backend: Optional[str] = None if backend == "auto" else backend  # passed to the ops
+        self.backend_name = backend
+        self.applied: dict[str, str] = {}  # module name -> rule installed
+        self.unsupported: list[str] = []
+        self._undo: list[Callable[[], None]] = []
+        self.active = False
+
+    # -- primitives used by the rule installers (lrp_kernels.hf.families) -------------------------
+    def set_attr(self, obj, name: str, value) -> None:
+        """``setattr`` on one instance, undone by ``remove()``."""
+        had = name in vars(obj)
+        old = vars(obj).get(name)
+
+        def undo():
+            if had:
+                setattr(obj, name, old)
+            else:
+                delattr(obj, name)
+        setattr(obj, name, value)
+        self._undo.append(undo)
+
+    def rebind(self, module: nn.Module, make: Callable[[Callable], Callable]) -> None:
+        """Replace this instance's forward by ``make(original_forward)``.
+
+        With an accelerate hook (``_hf_hook``) the hook's ``_old_forward`` is replaced, so the
+        hook still moves inputs/outputs between devices.
+        """
+        attr = "_old_forward" if (hasattr(module, "_hf_hook") and "_old_forward" in vars(module)) else "forward"
+        self.set_attr(module, attr, make(getattr(module, attr)))
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def remove(self) -> None:
+        """Undo everything, in reverse order. Safe to call twice."""
+        while self._undo:
+            self._undo.pop()()
+        self.active = False
+
+    def __enter__(self) -> "PatchHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "removed"
+        return (f"PatchHandle({type(self.model).__name__}, rules={self.rules!r}, epsilon={self.epsilon}, "
+                f"backend={self.backend_name!r}, {len(self.applied)} modules, {state})")
+
+
+def _plan(model: nn.Module, family: Optional[Family]) -> tuple[list, list[str]]:
+    """(module name, module, rule name, installer) for every module needing a rule; unknowns."""
+    fam = family or Family(name="generic", model_types=())
+    plan, unknown = [], []
+    for name, m in model.named_modules():
+        label = name or "<root>"
+        cls = type(m).__name__
+        rule: Optional[tuple[str, Callable]] = None
+        if cls in fam.module_rules:
+            rule = (cls, fam.module_rules[cls])
+        elif R.is_dropout(m):
+            rule = ("dropout-off", R.install_dropout)
+        elif R.is_plain_linear(m):
+            rule = ("epsilon", R.install_linear)
+        elif R.is_conv1d(m):
+            rule = ("epsilon", R.install_conv1d)
+        elif R.is_linear_like(m):
+            rule = ("epsilon-vjp", R.install_generic_epsilon)
+        elif R.is_rms_norm(m, fam.rms_norm_names):
+            offset = fam.rms_weight_offset
+            rule = ("rmsnorm-identity", lambda ctx, n, mod, o=offset: R.install_rms_norm(ctx, n, mod, o))
+        elif isinstance(m, nn.LayerNorm):
+            rule = ("layernorm", R.install_layer_norm)
+        elif R.is_elementwise_activation(m):
+            rule = ("identity", R.install_activation)
+        elif isinstance(m, nn.Embedding) or cls in fam.parameter_holders:
+            rule = None  # lookups / additive constants: no rule in the gradient view
+        elif any(True for _ in m.parameters(recurse=False)):
+            unknown.append(f"{label} ({cls}): module with parameters and no LRP rule")
+        elif R.looks_like_nonlinearity(m):
+            unknown.append(f"{label} ({cls}): non-linearity with no LRP rule")
+        if rule is not None:
+            plan.append((label, m, rule[0], rule[1]))
+    return plan, unknown
+
+
+def _swap_configs(handle: PatchHandle, model: nn.Module, attn_name: str, impl: str) -> None:
+    """Give each module that holds a config a patched *copy* (originals stay untouched)."""
+    try:
+        from transformers import PretrainedConfig
+    except Exception:  # pragma: no cover
+        return
+    copies: dict[int, object] = {}
+    for m in model.modules():
+        config = vars(m).get("config")
+        if not isinstance(config, PretrainedConfig):
+            continue
+        if id(config) not in copies:
+            new = copy.copy(config)
+            object.__setattr__(new, "_attn_implementation_internal", attn_name)
+            object.__setattr__(new, OPTIONS_ATTR, {"epsilon": handle.epsilon, "impl": impl})
+            if getattr(new, "use_cache", None):
+                new.use_cache = False  # explaining needs no KV cache (a call may still pass use_cache=True)
+            copies[id(config)] = new
+        handle.set_attr(m, "config", copies[id(config)])
+
+
+def _freeze(handle: PatchHandle, model: nn.Module) -> None:
+    for p in model.parameters():
+        if p.requires_grad:
+            p.requires_grad_(False)
+            handle._undo.append(lambda p=p: p.requires_grad_(True))
+
+
+def patch(model: nn.Module, rules: str = "attnlrp", epsilon: float = 1e-6, backend: str = "auto",
+          strict: bool = True) -> PatchHandle:
+    """Patch one Hugging Face model instance with AttnLRP (``rules="attnlrp"``) or CP-LRP
+    (``"cp-lrp"``: no relevance through the attention softmax) in the gradient view.
+
+    Args:
+        model: a transformers ``PreTrainedModel`` of a registered family
+            (:data:`lrp_kernels.hf.families.REGISTRY`).
+        rules: ``"attnlrp"`` or ``"cp-lrp"``.
+        epsilon: the stabiliser of the epsilon / uniform rules (linear, matmul, identity).
+        backend: ``"auto"``, ``"torch"``, ``"cpp"`` or ``"triton"`` for the rule kernels.
+        strict: unknown parts raise :class:`UnsupportedModelError` (True) or warn (False).
+
+    Returns:
+        a :class:`PatchHandle` (context manager; ``remove()`` restores the model exactly).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if rules not in ATTENTION_NAMES:
+        raise ValueError(f"rules must be one of {tuple(ATTENTION_NAMES)}, got {rules!r}")
+    check_epsilon(epsilon)
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    existing = vars(model).get(_MARK)
+    if existing is not None and existing.active:
+        raise RuntimeError("model is already patched; call remove() on its handle first")
+
+    family = family_for(model)
+    plan, unknown = _plan(model, family)
+    if family is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        unknown.insert(0, f"model class {type(model).__name__} (model_type {model_type!r}): no family in "
+                          "lrp_kernels.hf.families.REGISTRY")
+    if unknown:
+        msg = "lrp_kernels.hf.patching has no rule for:\n  " + "\n  ".join(unknown)
+        if strict:
+            raise UnsupportedModelError(msg + "\n(pass strict=False to patch the rest and keep plain gradients there)")
+        warnings.warn(msg + "\n(these keep their plain gradient)", stacklevel=2)
+
+    register_attention()
+    handle = PatchHandle(model, rules, epsilon, backend)
+    handle.unsupported = unknown
+    try:
+        _freeze(handle, model)
+        _swap_configs(handle, model, ATTENTION_NAMES[rules], _ATTENTION_IMPL[backend])
+        for name, module, rule_name, install in plan:
+            install(handle, name, module)
+            handle.applied[name] = rule_name
+        if family is not None and family.setup is not None:
+            family.setup(handle, model)
+        handle.set_attr(model, _MARK, handle)
+    except BaseException:
+        handle.remove()
+        raise
+    handle.active = True
+    return handle
+
+
+__all__ = ["patch", "PatchHandle", "UnsupportedModelError"]
