@@ -1,10 +1,17 @@
-"""Test set-up: run Triton kernels through the interpreter when no GPU is present.
+"""Test set-up: run Triton kernels through the interpreter when no GPU is present, and make the
+shared helpers importable (``from helpers import oracle``) from every test folder.
 
 TRITON_INTERPRET must be set before triton is imported anywhere.
 """
 import os
+import sys
+from pathlib import Path
 
 import torch
+
+TESTS_DIR = str(Path(__file__).resolve().parent)
+if TESTS_DIR not in sys.path:  # tests/helpers/ is a package under tests/
+    sys.path.insert(0, TESTS_DIR)
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -14,7 +14,7 @@ import zlib
 import pytest
 import torch
 
-import oracle
+from helpers import oracle
 from lrp_kernels.backends import dispatch
 from lrp_kernels.ops.attention import _Spec, attnlrp_attention
 

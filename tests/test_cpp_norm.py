@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import oracle as O
+from helpers import oracle as O
 from lrp_kernels.backends import dispatch
 from lrp_kernels import functional as F
 from lrp_kernels import grad as G

@@ -28,7 +28,7 @@ import torch.nn.functional as tF
 import lrp_kernels
 import lrp_kernels.functional as F
 import lrp_kernels.grad as G
-import oracle as O
+from helpers import oracle as O
 
 EPS = 1e-6
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}

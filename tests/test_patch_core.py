@@ -8,7 +8,7 @@ from torch import nn
 
 import lrp_kernels
 from lrp_kernels.hf.patching import UnsupportedModelError
-from test_patch_utils import build, make_inputs, relevance
+from helpers.models import build, make_inputs, relevance
 
 
 def _llama(dtype=torch.float32, **kw):

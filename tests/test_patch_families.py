@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import lrp_kernels
-from test_patch_utils import FAMILIES, build, make_inputs, reference_model, relevance
+from helpers.models import FAMILIES, build, make_inputs, reference_model, relevance
 
 EPS = 1e-12
 

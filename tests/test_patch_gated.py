@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as tF
 
-import oracle
+from helpers import oracle
 from lrp_kernels.hf.installers import GatedProductFn
 
 EPS = 1e-6

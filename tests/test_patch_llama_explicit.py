@@ -5,7 +5,7 @@ import torch
 import transformers as tr
 
 import lrp_kernels
-from reference_llama import llama_relevance_forward
+from helpers.reference_llama import llama_relevance_forward
 
 
 def _model(heads=4, kv_heads=2):

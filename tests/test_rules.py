@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 import lrp_kernels.functional as lf
 from lrp_kernels import rules
-from tests import oracle
+from helpers import oracle
 
 EPS = 1e-6
 TOL = {torch.float32: 1e-4, torch.float64: 1e-9}

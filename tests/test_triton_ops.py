@@ -27,7 +27,7 @@ import lrp_kernels
 from lrp_kernels.backends import dispatch
 
 pytest.importorskip("triton")
-import oracle  # noqa: E402  (tests/ is on sys.path under pytest)
+from helpers import oracle  # noqa: E402
 
 TRITON_OK, TRITON_WHY = dispatch.backend_status("triton")
 pytestmark = pytest.mark.skipif(not TRITON_OK, reason=f"triton backend unavailable: {TRITON_WHY}")

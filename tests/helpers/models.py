@@ -1,4 +1,4 @@
-"""(Helpers, no tests.) Tiny randomly initialised Hugging Face models of every patched family, and a plain-torch
+"""Helpers: tiny randomly initialised Hugging Face models of every patched family, and a plain-torch
 reference of the AttnLRP rules (eps -> 0) built with hooks and detaches on the model's own code.
 
 The reference is independent of lrp_kernels: it runs a deep copy of the model with its own
