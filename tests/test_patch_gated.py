@@ -1,4 +1,4 @@
-"""The fused gated-MLP rule of the CPU patch path equals the composed SPEC rules (float64 oracle):
+"""The fused gated-MLP rule (ops.elementwise.gated_product, what patches use) equals the composed SPEC rules (float64 oracle):
 identity rule on the activation, then the uniform rule on the product."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as tF
 
 from helpers import oracle
-from lrp_kernels.hf.installers import GatedProductFn
+from lrp_kernels.ops.elementwise import gated_product
 
 EPS = 1e-6
 
@@ -22,7 +22,7 @@ def test_gated_product_matches_identity_then_uniform(act, need, dtype, tol):
     g_m = torch.randn(3, 5, 10, generator=gen, dtype=dtype)
     g.requires_grad_(need[0])
     u.requires_grad_(need[1])
-    out = GatedProductFn.apply(g, u, act, EPS)
+    out = gated_product(g, u, act, EPS)
     assert torch.equal(out, act(g) * u)
     out.backward(g_m)
 

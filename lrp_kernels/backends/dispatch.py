@@ -114,6 +114,18 @@ def backend_status(backend: str) -> tuple[bool, str]:
         return False, f"availability check failed: {err}"
 
 
+def check_backend(backend: str) -> None:
+    """``backend`` is a name this dispatcher knows (or ``"auto"``) and, if forced, can run here.
+
+    Raises ``ValueError`` naming the choices, or :class:`BackendUnavailableError` with the reason.
+    """
+    _check_name(backend)
+    if backend not in ("auto", "torch"):
+        ok, why = backend_status(backend)
+        if not ok:
+            raise BackendUnavailableError(f"backend {backend!r} is not available: {why}")
+
+
 def available_backends() -> dict[str, dict[str, object]]:
     """What is usable here and why (not): ``{name: {"available": bool, "reason": str}}``."""
     out = {}
@@ -198,6 +210,11 @@ def _interpreted(backend: str, args: tuple) -> bool:
     if backend != "triton":
         return False
     return not any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
+
+
+def chosen_backend(op: str, *args, backend: Optional[str] = None, **kwargs) -> str:
+    """The backend :func:`call` would run ``op`` on for these arguments (nothing is computed)."""
+    return resolve(op, *args, backend=backend, **kwargs)[0]
 
 
 def call(op: str, *args, backend: Optional[str] = None, **kwargs):

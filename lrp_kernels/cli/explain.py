@@ -5,6 +5,7 @@ import argparse
 import os
 import sys
 
+from ..ops._common import DEFAULT_EPSILON
 from . import CLIError
 
 SHIPPED_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -56,7 +57,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                                   "available, else cpu)")
     p.add_argument("--max-length", type=int, default=None,
                    help="refuse prompts longer than this many tokens (default: model context)")
-    p.add_argument("--epsilon", type=float, default=1e-6, help="LRP stabiliser (default: 1e-6)")
+    p.add_argument("--epsilon", type=float, default=DEFAULT_EPSILON,
+                   help=f"LRP stabiliser (default: {DEFAULT_EPSILON:g})")
     p.add_argument("--top", type=int, default=5, help="how many top tokens to print (default: 5)")
     p.add_argument("--pdf-backend", default="xelatex", choices=("xelatex", "pdflatex"))
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -42,6 +42,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
+from ..ops._common import DEFAULT_EPSILON
 from . import heatmap as _hm
 
 __all__ = ["explain", "Explanation", "Target", "ExplainError", "PromptTooLongError"]
@@ -279,7 +280,7 @@ def _forward(model, embeds, mask, keep: int):
 def explain(model, tokenizer, prompt_or_prompts: Union[str, Sequence[str]],
             target: Optional[Union[TokenLike, Sequence[TokenLike]]] = None, *,
             continuation: Optional[str] = None, contrast: Optional[TokenLike] = None,
-            generate: Optional[int] = None, rules: str = "attnlrp", epsilon: float = 1e-6,
+            generate: Optional[int] = None, rules: str = "attnlrp", epsilon: float = DEFAULT_EPSILON,
             backend: str = "auto", max_length: Optional[int] = None,
             device: Optional[Union[str, torch.device]] = None, latent: bool = False,
             progress: Optional[Callable[[int, int], None]] = None

@@ -60,12 +60,9 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..ops import linear_epsilon as _lin
-from ..ops._common import DEFAULT_EPSILON, check_epsilon, compute_dtype, stabilize, zero_masked
-
-try:  # the conservation check mode (lrp_kernels/check.py); rules work without it
-    from ..tools import check as _check
-except ImportError:  # pragma: no cover
-    _check = None
+from ..ops._common import (DEFAULT_EPSILON, check_epsilon, compute_dtype, record, recording,
+                           recording_suspended, stabilize, zero_masked)
+from ..ops.linear_epsilon import epsilon_scale
 
 __all__ = ["Rule", "EpsilonRule", "UniformRule", "UniformEpsilonRule", "IdentityRule",
            "StopRelevanceRule", "TaylorDecompositionRule"]
@@ -206,35 +203,19 @@ class _RuleFn(torch.autograd.Function):
                                       retain_graph=True, allow_unused=True, create_graph=create_graph)
             return [torch.zeros_like(x) if g is None else g for g, x in zip(got, receivers)]
 
-        with torch.enable_grad(), _not_recording():
+        with torch.enable_grad(), recording_suspended():
             grads = rule.propagate(receivers, [y.detach() for y in ys], gys, vjp)
         grads = [None if g is None else g.to(x.dtype) for g, x in zip(grads, receivers)]
-        if _check is not None and _check.active():
+        if recording():
             xs, outs_d = [x.detach() for x in receivers], [y.detach() for y in ys]
 
             def expected() -> bool:
-                with _not_recording():
+                with recording_suspended():
                     return rule.expects_conservation(xs, outs_d, vjp)
 
-            _check.record(_op_name(rule), xs, grads, outs_d, gys, rule.relevance, expected)
+            record(_op_name(rule), xs, grads, outs_d, gys, rule.relevance, expected)
         it = iter(grads)
         return (None,) * 5 + tuple(next(it) if n else None for n in ctx.needs)
-
-
-@contextlib.contextmanager
-def _not_recording():
-    """The VJPs a rule takes are not relevance: LRP ops nested inside the wrapped module (a
-    manual nesting; the Composite never nests) must not report them to the check mode."""
-    from ..ops import _common
-    saved = getattr(_common, "_RECORDER", None)
-    if saved is None:
-        yield
-        return
-    _common._RECORDER = None
-    try:
-        yield
-    finally:
-        _common._RECORDER = saved
 
 
 def _op_name(rule: Rule) -> str:
@@ -315,11 +296,8 @@ class EpsilonRule(_StabilisedRule):
     def propagate(self, inputs, outputs, grad_outputs, vjp):
         n = len(inputs) if self.share_between_inputs else 1
         cd = _cd(*outputs, *inputs)
-        vecs = []
-        for y, g in zip(outputs, grad_outputs):
-            v = _divide(g.to(cd), n * stabilize(y, self.epsilon).to(cd))
-            vecs.append(v if self.relevance else v * y.to(cd))
-        got = vjp(vecs)
+        got = vjp([epsilon_scale(g, y, self.epsilon, self.relevance, share=n).to(cd)
+                   for y, g in zip(outputs, grad_outputs)])
         if not self.relevance:
             return got
         return [_times(x.to(cd), v.to(cd), x) for x, v in zip(inputs, got)]

@@ -12,12 +12,34 @@ T5's relative position bias (``position_bias``) is an additive constant folded i
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Optional
 
 import torch
 
 ATTENTION_NAMES = {"attnlrp": "lrp_kernels_attnlrp", "cp-lrp": "lrp_kernels_cplrp"}
-OPTIONS_ATTR = "_lrp_kernels_options"  # set on the patched model's config copies: epsilon, impl
+
+# patched module -> its PatchHandle (the options' one route: rules, epsilon, backend)
+_HANDLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def bind(module, handle) -> None:
+    """The adapter reads ``handle``'s options when transformers calls it for ``module``."""
+    _HANDLES[module] = handle
+
+
+def unbind(module) -> None:
+    _HANDLES.pop(module, None)
+
+
+def handle_for(module):
+    """The patch handle of ``module``; an error (never a default) for a module no patch bound."""
+    handle = _HANDLES.get(module)
+    if handle is None:
+        raise RuntimeError(
+            f"{type(module).__name__} runs lrp_kernels' attention but belongs to no active patch "
+            f"(a copy of a patched model? remove() the patch before copying, then patch the copy)")
+    return handle
 
 
 def _merge_bias(mask: Optional[torch.Tensor], bias: torch.Tensor) -> torch.Tensor:
@@ -36,7 +58,7 @@ def _make_adapter(rule: str):
                       sliding_window=None, softcap=None, position_bias=None, is_causal=None, **kwargs):
         # dropout is ignored on purpose: attention dropout is neutralised while patched
         from ..ops.attention import attnlrp_attention
-        opts = getattr(module.config, OPTIONS_ATTR, None) or {}
+        handle = handle_for(module)
         # as transformers' SDPA path: causality from the flag only when no mask was built
         causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
         causal = bool(causal) and attention_mask is None and query.shape[2] > 1
@@ -47,8 +69,7 @@ def _make_adapter(rule: str):
             query, key, value, mask,
             scale=scaling, is_causal=causal,
             sliding_window=sliding_window if attention_mask is None else None,  # a given mask already has the window
-            softcap=softcap, epsilon=opts.get("epsilon", 1e-6), rule=rule, relevance=False,
-            impl=opts.get("impl", "auto"))
+            softcap=softcap, epsilon=handle.epsilon, rule=rule, relevance=False, backend=handle.backend)
         return out.transpose(1, 2).contiguous(), None
 
     lrp_attention.__name__ = f"lrp_attention_{rule.replace('-', '')}"

@@ -1,58 +1,34 @@
 """Gradient-view rules installed on module *instances* (no class is ever modified).
 
-Each ``install_*`` takes the patch context, the module's name and the module, and rebinds that
-one instance's forward (``ctx.rebind``) so the forward values are unchanged and the backward is
-the SPEC rule in the gradient view (relevance of ``t`` = ``t * t.grad``):
+Each ``install_*`` takes the :class:`~lrp_kernels.hf.patching.PatchHandle`, the module's name
+and the module, and rebinds that one instance's forward (``handle.rebind``) so the forward
+values are unchanged and the backward is the rule in the gradient view (relevance of ``t`` =
+``t * t.grad``). Every rule is the op of :mod:`lrp_kernels.ops` that owns it, called with the
+handle's options (``handle.epsilon``, ``handle.backend``); the dispatcher picks the backend:
 
-* ``nn.Linear`` (plain forward)      -> :func:`lrp_kernels.ops.grad.linear_epsilon` (the dispatched
-  fused kernel) on CUDA; on CPU the same rule as the plain GEMM followed by
-  :class:`EpsilonOutputFn` (identical math, keeps only ``z``, not also ``x``)
-* GPT-2 ``Conv1D`` (``x @ W + b``)     -> the same, on ``W.T`` (a view, no copy)
+* ``nn.Linear`` (plain forward), GPT-2 ``Conv1D`` (``x @ W + b``, on ``W.T``, a view)
+  -> :func:`lrp_kernels.grad.linear_epsilon`
 * any other module that acts linearly (``nn.Conv*d``, quantised linears such as bitsandbytes
   ``Linear4bit`` / ``Linear8bitLt``, GPTQ/AWQ ``QuantLinear``, subclasses of ``nn.Linear`` with
-  their own forward): the epsilon rule for any module, ``G_x = vjp(f, x)(G_y * y / stab(y))``:
-  the module's own forward and plain backward, with the incoming gradient scaled by
-  ``y / stab(y)`` (:class:`EpsilonOutputFn`), so a dequantising forward is explained exactly as
-  the linear map it computes.
-* RMSNorm (``w`` or Gemma's ``1 + w``)  -> :func:`lrp_kernels.ops.grad.rms_norm_identity`
-* ``nn.LayerNorm``                     -> :func:`lrp_kernels.ops.grad.layer_norm` (std detached)
-* element-wise activations            -> :func:`lrp_kernels.ops.grad.identity` (identity rule)
+  their own forward) -> :func:`lrp_kernels.ops.linear_epsilon.epsilon_module`: the module's own
+  forward and plain backward after the output scaling ``y / stab(y)``, so a dequantising
+  forward is explained exactly as the linear map it computes
+* RMSNorm (``w`` or Gemma's ``1 + w``)  -> :func:`lrp_kernels.grad.rms_norm_identity`
+* ``nn.LayerNorm``                     -> :func:`lrp_kernels.grad.layer_norm` (std detached)
+* element-wise activations            -> :func:`lrp_kernels.grad.identity` (identity rule)
+* gated MLPs ``down(act(gate(x)) * up(x))`` -> :func:`lrp_kernels.ops.elementwise.gated_product`
 * dropout                             -> the identity function (no dropout while patched)
 """
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import torch
 from torch import nn
 
 from ..ops import grad
-from ..ops._common import compute_dtype, stabilize
-
-
-class EpsilonOutputFn(torch.autograd.Function):
-    """Forward: ``y`` unchanged. Backward: ``G_y * y / stab(y)`` (in fp32 or higher).
-
-    Placed on a module's output, the module's own plain backward then computes the epsilon rule
-    for any linear-acting module: ``G_x = vjp(f, x)(G_y * y / stab(y))`` (SPEC, last rows).
-    """
-
-    @staticmethod
-    def forward(ctx, y, epsilon):
-        ctx.epsilon = epsilon
-        ctx.save_for_backward(y)
-        return y.view_as(y)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        (y,) = ctx.saved_tensors
-        cd = compute_dtype(grad_y, y)
-        # y / stab(y) == |y| / (|y| + eps) exactly (y - eps == -(|y| + eps) for y < 0; both 0 at
-        # y = 0): four element-wise passes and two temporaries instead of seven and four
-        ratio = y.abs() if y.dtype == cd else y.to(cd).abs_()
-        ratio.div_(ratio + ctx.epsilon)
-        return ratio.mul_(grad_y.to(cd)).to(grad_y.dtype), None
+from ..ops.elementwise import gated_product
+from ..ops.linear_epsilon import epsilon_module
 
 
 # ---- classification helpers ----------------------------------------------------------------
@@ -123,38 +99,27 @@ def is_dropout(module: nn.Module) -> bool:
 
 # ---- installers ----------------------------------------------------------------------------
 
-def _fused(ctx, x: torch.Tensor) -> bool:
-    """Use the dispatched linear_epsilon kernel (Triton on CUDA, or a forced non-torch backend);
-    on CPU the plain GEMM + output scaling below is the same math and saves less memory."""
-    return x.is_cuda or ctx.backend not in (None, "torch")
-
-
-def install_linear(ctx, name: str, module: nn.Linear) -> None:
+def install_linear(handle, name: str, module: nn.Linear) -> None:
     def forward(x):
-        if _fused(ctx, x):
-            return grad.linear_epsilon(x, module.weight, module.bias, ctx.epsilon, backend=ctx.backend)
-        # G_x = (G_z * z / stab(z)) @ W: the plain backward of F.linear (frozen W saves only W)
-        # after EpsilonOutputFn (saves z): no copy of x is kept
-        return EpsilonOutputFn.apply(torch.nn.functional.linear(x, module.weight, module.bias), ctx.epsilon)
-    ctx.rebind(module, lambda orig: forward)
+        return grad.linear_epsilon(x, module.weight, module.bias, handle.epsilon, backend=handle.backend)
+    handle.rebind(module, lambda orig: forward)
 
 
-def install_conv1d(ctx, name: str, module: nn.Module) -> None:
+def install_conv1d(handle, name: str, module: nn.Module) -> None:
+    def forward(x):
+        return grad.linear_epsilon(x, module.weight.t(), module.bias, handle.epsilon, backend=handle.backend)
+    handle.rebind(module, lambda orig: forward)
+
+
+def install_generic_epsilon(handle, name: str, module: nn.Module) -> None:
+    has_bias = getattr(module, "bias", None) is not None
+
     def make(orig):
-        def forward(x):
-            if _fused(ctx, x):
-                return grad.linear_epsilon(x, module.weight.t(), module.bias, ctx.epsilon, backend=ctx.backend)
-            return EpsilonOutputFn.apply(orig(x), ctx.epsilon)
+        def forward(x, *args, **kwargs):
+            return epsilon_module(lambda t: orig(t, *args, **kwargs), x, handle.epsilon, backend=handle.backend,
+                                  has_bias=has_bias, name=f"epsilon_module({type(module).__name__})")
         return forward
-    ctx.rebind(module, make)
-
-
-def install_generic_epsilon(ctx, name: str, module: nn.Module) -> None:
-    def make(orig):
-        def forward(*args, **kwargs):
-            return EpsilonOutputFn.apply(orig(*args, **kwargs), ctx.epsilon)
-        return forward
-    ctx.rebind(module, make)
+    handle.rebind(module, make)
 
 
 def rms_norm_eps(module: nn.Module) -> float:
@@ -162,10 +127,10 @@ def rms_norm_eps(module: nn.Module) -> float:
         value = getattr(module, attr, None)
         if isinstance(value, (int, float)):
             return float(value)
-    return 1e-6
+    return 1e-6  # transformers' RMSNorm default
 
 
-def install_rms_norm(ctx, name: str, module: nn.Module, weight_offset: float = 0.0) -> None:
+def install_rms_norm(handle, name: str, module: nn.Module, weight_offset: float = 0.0) -> None:
     """``y = (offset + w) * x * rstd`` with ``rstd`` constant in the backward (identity rule)."""
     eps = rms_norm_eps(module)
     if isinstance(module, getattr(nn, "RMSNorm", ())) and module.eps is None:
@@ -176,103 +141,61 @@ def install_rms_norm(ctx, name: str, module: nn.Module, weight_offset: float = 0
         if weight_offset:
             w = w.float() + weight_offset
         e = torch.finfo(x.dtype).eps if eps is None else eps
-        return grad.rms_norm_identity(x, w, e, backend=ctx.backend)
-    ctx.rebind(module, lambda orig: forward)
+        return grad.rms_norm_identity(x, w, e, backend=handle.backend)
+    handle.rebind(module, lambda orig: forward)
 
 
-def install_layer_norm(ctx, name: str, module: nn.LayerNorm) -> None:
+def install_layer_norm(handle, name: str, module: nn.LayerNorm) -> None:
     if len(module.normalized_shape) != 1:
         raise NotImplementedError(f"{name}: LayerNorm over {module.normalized_shape} (only the last dim is supported)")
 
     def forward(x):
-        return grad.layer_norm(x, module.weight, module.bias, module.eps, ctx.epsilon, backend=ctx.backend)
-    ctx.rebind(module, lambda orig: forward)
+        return grad.layer_norm(x, module.weight, module.bias, module.eps, handle.epsilon, backend=handle.backend)
+    handle.rebind(module, lambda orig: forward)
 
 
-def install_activation(ctx, name: str, module: nn.Module) -> None:
+def install_activation(handle, name: str, module: nn.Module) -> None:
     def make(orig):
         def forward(x):
-            return grad.identity(orig, x, ctx.epsilon, backend=ctx.backend)
+            return grad.identity(orig, x, handle.epsilon, backend=handle.backend)
         return forward
-    ctx.rebind(module, make)
+    handle.rebind(module, make)
 
 
-def install_dropout(ctx, name: str, module: nn.Module) -> None:
-    ctx.rebind(module, lambda orig: (lambda x, *a, **k: x))
+def install_dropout(handle, name: str, module: nn.Module) -> None:
+    handle.rebind(module, lambda orig: (lambda x, *a, **k: x))
 
 
-def install_stop_input(ctx, name: str, module: nn.Module) -> None:
+def install_stop_input(handle, name: str, module: nn.Module) -> None:
     """The module's output is a constant for relevance (used for MoE routers)."""
     def make(orig):
         def forward(x, *args, **kwargs):
             return orig(x.detach(), *args, **kwargs)
         return forward
-    ctx.rebind(module, make)
+    handle.rebind(module, make)
 
 
-class GatedProductFn(torch.autograd.Function):
-    """Forward: ``act(g) * u``. Backward (gradient view): the identity rule on the element-wise
-    ``act`` followed by the uniform rule on the product, in one step::
-
-        s = act(g)                      (recomputed, not saved: the plain model keeps it)
-        G_u = G_m * s / k               G_g = (G_m * u / k) * s / stab(g)
-
-    ``k = 2`` when both factors need a gradient, else 1 (exactly :func:`grad.mul2` after
-    :func:`grad.identity`, with fewer passes and one activation-sized tensor less saved).
-    """
-
-    @staticmethod
-    def forward(ctx, g, u, act, epsilon):
-        ctx.act, ctx.epsilon = act, epsilon
-        ctx.save_for_backward(g, u)
-        return act(g) * u
-
-    @staticmethod
-    def backward(ctx, grad_m):
-        g, u = ctx.saved_tensors
-        need_g, need_u = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        cd = compute_dtype(grad_m, g, u)
-        with torch.no_grad():
-            s = ctx.act(g).to(cd)
-        h = grad_m.to(cd) * (0.5 if (need_g and need_u) else 1.0)
-        gu = (h * s).to(u.dtype) if need_u else None
-        gg = None
-        if need_g:
-            gg = s.mul_(h.mul_(u.to(cd))).div_(stabilize(g, ctx.epsilon)).to(g.dtype)
-        return gg, gu, None, None
-
-
-def gated_mlp_forward(ctx, module: nn.Module, gate: str = "gate_proj", up: str = "up_proj",
+def gated_mlp_forward(handle, module: nn.Module, gate: str = "gate_proj", up: str = "up_proj",
                       down: str = "down_proj", act: str = "act_fn"):
     """``down(act(gate(x)) * up(x))`` with the identity rule on ``act`` and the uniform rule on
-    the product (:class:`GatedProductFn`; grad.identity + grad.mul2 for other activations)."""
+    the product (:func:`~lrp_kernels.ops.elementwise.gated_product`; ``grad.mul2`` after the
+    activation's own rule for activations that are not element-wise)."""
     g, u, d, a = (getattr(module, n) for n in (gate, up, down, act))
     if not is_elementwise_activation(a):
         def forward(x):
-            return d(grad.mul2(a(g(x)), u(x), backend=ctx.backend))
+            return d(grad.mul2(a(g(x)), u(x), backend=handle.backend))
         return forward
     act_fn = a.forward  # the activation's own forward, taken before its identity rule is installed
 
     def fused(x):
-        gx, ux = g(x), u(x)
-        if not x.is_cuda and ctx.backend in (None, "torch"):
-            return d(GatedProductFn.apply(gx, ux, act_fn, ctx.epsilon))
-        return d(grad.mul2(a(gx), ux, backend=ctx.backend))
+        return d(gated_product(g(x), u(x), act_fn, handle.epsilon, backend=handle.backend))
     return fused
 
 
-def install_gated_mlp(ctx, name: str, module: nn.Module) -> None:
-    ctx.rebind(module, lambda orig: gated_mlp_forward(ctx, module))
+def install_gated_mlp(handle, name: str, module: nn.Module) -> None:
+    handle.rebind(module, lambda orig: gated_mlp_forward(handle, module))
 
 
-def install_nothing(ctx, name: str, module: nn.Module) -> None:
-    """Modules with no rule needed in the gradient view (embedding lookups, constants)."""
-
-
-def softcap_identity(ctx, x: torch.Tensor, cap: float) -> torch.Tensor:
+def softcap_identity(handle, x: torch.Tensor, cap: float) -> torch.Tensor:
     """``cap * tanh(x / cap)`` with the identity rule (element-wise non-linearity)."""
-    return grad.identity(lambda t: torch.tanh(t / cap) * cap, x, ctx.epsilon, backend=ctx.backend)
-
-
-def stop(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if x is None else x.detach()
+    return grad.identity(lambda t: torch.tanh(t / cap) * cap, x, handle.epsilon, backend=handle.backend)

@@ -37,14 +37,12 @@ from typing import Callable, Optional
 from torch import nn
 
 from .families import Family, family_for
-from . import installers as R
-from .attention import ATTENTION_NAMES, OPTIONS_ATTR, register_attention
-from ..ops._common import check_epsilon
+from . import installers
+from . import attention
+from ..backends import dispatch
+from ..ops._common import DEFAULT_EPSILON, check_epsilon
 
 _MARK = "_lrp_kernels_patch"
-_BACKENDS = ("auto", "torch", "cpp", "triton")
-# attention implementation per backend (see lrp_kernels.ops.attention: impl)
-_ATTENTION_IMPL = {"auto": "auto", "torch": "chunked", "cpp": "auto", "triton": "flash"}
 
 
 class UnsupportedModelError(ValueError):
@@ -52,7 +50,9 @@ class UnsupportedModelError(ValueError):
 
 
 class PatchHandle:
-    """Undo log of one patch; also a context manager. ``remove()`` restores the model exactly."""
+    """Undo log of one patch, and the one route of its options: every installed rule and the
+    attention adapter read ``rules``, ``epsilon`` and ``backend`` from here. Also a context
+    manager; ``remove()`` restores the model exactly."""
 
     def __init__(self, model: nn.Module, rules: str, epsilon: float, backend: str) -> None:
         self.model, self.rules, self.epsilon = model, rules, float(epsilon)
@@ -115,34 +115,35 @@ def _plan(model: nn.Module, family: Optional[Family]) -> tuple[list, list[str]]:
         rule: Optional[tuple[str, Callable]] = None
         if cls in fam.module_rules:
             rule = (cls, fam.module_rules[cls])
-        elif R.is_dropout(m):
-            rule = ("dropout-off", R.install_dropout)
-        elif R.is_plain_linear(m):
-            rule = ("epsilon", R.install_linear)
-        elif R.is_conv1d(m):
-            rule = ("epsilon", R.install_conv1d)
-        elif R.is_linear_like(m):
-            rule = ("epsilon-vjp", R.install_generic_epsilon)
-        elif R.is_rms_norm(m, fam.rms_norm_names):
+        elif installers.is_dropout(m):
+            rule = ("dropout-off", installers.install_dropout)
+        elif installers.is_plain_linear(m):
+            rule = ("epsilon", installers.install_linear)
+        elif installers.is_conv1d(m):
+            rule = ("epsilon", installers.install_conv1d)
+        elif installers.is_linear_like(m):
+            rule = ("epsilon-vjp", installers.install_generic_epsilon)
+        elif installers.is_rms_norm(m, fam.rms_norm_names):
             offset = fam.rms_weight_offset
-            rule = ("rmsnorm-identity", lambda ctx, n, mod, o=offset: R.install_rms_norm(ctx, n, mod, o))
+            rule = ("rmsnorm-identity", lambda handle, n, mod, o=offset: installers.install_rms_norm(handle, n, mod, o))
         elif isinstance(m, nn.LayerNorm):
-            rule = ("layernorm", R.install_layer_norm)
-        elif R.is_elementwise_activation(m):
-            rule = ("identity", R.install_activation)
+            rule = ("layernorm", installers.install_layer_norm)
+        elif installers.is_elementwise_activation(m):
+            rule = ("identity", installers.install_activation)
         elif isinstance(m, nn.Embedding) or cls in fam.parameter_holders:
             rule = None  # lookups / additive constants: no rule in the gradient view
         elif any(True for _ in m.parameters(recurse=False)):
             unknown.append(f"{label} ({cls}): module with parameters and no LRP rule")
-        elif R.looks_like_nonlinearity(m):
+        elif installers.looks_like_nonlinearity(m):
             unknown.append(f"{label} ({cls}): non-linearity with no LRP rule")
         if rule is not None:
             plan.append((label, m, rule[0], rule[1]))
     return plan, unknown
 
 
-def _swap_configs(handle: PatchHandle, model: nn.Module, attn_name: str, impl: str) -> None:
-    """Give each module that holds a config a patched *copy* (originals stay untouched)."""
+def _swap_configs(handle: PatchHandle, model: nn.Module, attn_name: str) -> None:
+    """Give each module that holds a config a patched *copy* (originals stay untouched) and
+    bind it to the handle, where the attention adapter finds the patch's options."""
     try:
         from transformers import PretrainedConfig
     except Exception:  # pragma: no cover
@@ -155,11 +156,12 @@ def _swap_configs(handle: PatchHandle, model: nn.Module, attn_name: str, impl: s
         if id(config) not in copies:
             new = copy.copy(config)
             object.__setattr__(new, "_attn_implementation_internal", attn_name)
-            object.__setattr__(new, OPTIONS_ATTR, {"epsilon": handle.epsilon, "impl": impl})
             if getattr(new, "use_cache", None):
                 new.use_cache = False  # explaining needs no KV cache (a call may still pass use_cache=True)
             copies[id(config)] = new
         handle.set_attr(m, "config", copies[id(config)])
+        attention.bind(m, handle)
+        handle._undo.append(lambda m=m: attention.unbind(m))
 
 
 def _freeze(handle: PatchHandle, model: nn.Module) -> None:
@@ -169,7 +171,7 @@ def _freeze(handle: PatchHandle, model: nn.Module) -> None:
             handle._undo.append(lambda p=p: p.requires_grad_(True))
 
 
-def patch(model: nn.Module, rules: str = "attnlrp", epsilon: float = 1e-6, backend: str = "auto",
+def patch(model: nn.Module, rules: str = "attnlrp", epsilon: float = DEFAULT_EPSILON, backend: str = "auto",
           strict: bool = True) -> PatchHandle:
     """Patch one Hugging Face model instance with AttnLRP (``rules="attnlrp"``) or CP-LRP
     (``"cp-lrp"``: no relevance through the attention softmax) in the gradient view.
@@ -187,11 +189,10 @@ def patch(model: nn.Module, rules: str = "attnlrp", epsilon: float = 1e-6, backe
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if rules not in ATTENTION_NAMES:
-        raise ValueError(f"rules must be one of {tuple(ATTENTION_NAMES)}, got {rules!r}")
+    if rules not in attention.ATTENTION_NAMES:
+        raise ValueError(f"rules must be one of {tuple(attention.ATTENTION_NAMES)}, got {rules!r}")
     check_epsilon(epsilon)
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    dispatch.check_backend(backend)
     existing = vars(model).get(_MARK)
     if existing is not None and existing.active:
         raise RuntimeError("model is already patched; call remove() on its handle first")
@@ -208,12 +209,12 @@ def patch(model: nn.Module, rules: str = "attnlrp", epsilon: float = 1e-6, backe
             raise UnsupportedModelError(msg + "\n(pass strict=False to patch the rest and keep plain gradients there)")
         warnings.warn(msg + "\n(these keep their plain gradient)", stacklevel=2)
 
-    register_attention()
+    attention.register_attention()
     handle = PatchHandle(model, rules, epsilon, backend)
     handle.unsupported = unknown
     try:
         _freeze(handle, model)
-        _swap_configs(handle, model, ATTENTION_NAMES[rules], _ATTENTION_IMPL[backend])
+        _swap_configs(handle, model, attention.ATTENTION_NAMES[rules])
         for name, module, rule_name, install in plan:
             install(handle, name, module)
             handle.applied[name] = rule_name

@@ -14,6 +14,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Type, Un
 
 from torch import nn
 
+from ..ops._common import DEFAULT_EPSILON
 from .core import Hook, HookHandle
 
 __all__ = ["HookComposite", "LayerMapComposite", "NameMapComposite", "SpecialFirstLayerMapComposite"]
@@ -171,7 +172,7 @@ class EpsilonGammaBox(SpecialFirstLayerMapComposite):
     linear layers, Pass on activations, Norm on average pooling (a usual choice for CNNs on
     images with known pixel bounds)."""
 
-    def __init__(self, low, high, epsilon: float = 1e-6, gamma: float = 0.25):
+    def __init__(self, low, high, epsilon: float = DEFAULT_EPSILON, gamma: float = 0.25):
         from .rules import Epsilon, Gamma, ZBox
         super().__init__(_common_map(epsilon) + [(_CONVS, Gamma(gamma)), (nn.Linear, Epsilon(epsilon))],
                          [(_CONVS, ZBox(low, high))])
@@ -180,7 +181,7 @@ class EpsilonGammaBox(SpecialFirstLayerMapComposite):
 class EpsilonPlus(LayerMapComposite):
     """ZPlus on convolutions, Epsilon on linear layers, Pass on activations, Norm on pooling."""
 
-    def __init__(self, epsilon: float = 1e-6):
+    def __init__(self, epsilon: float = DEFAULT_EPSILON):
         from .rules import Epsilon, ZPlus
         super().__init__(_common_map(epsilon) + [(_CONVS, ZPlus()), (nn.Linear, Epsilon(epsilon))])
 
@@ -188,7 +189,7 @@ class EpsilonPlus(LayerMapComposite):
 class EpsilonPlusFlat(SpecialFirstLayerMapComposite):
     """As :class:`EpsilonPlus`, with the Flat rule on the first convolution or linear layer."""
 
-    def __init__(self, epsilon: float = 1e-6):
+    def __init__(self, epsilon: float = DEFAULT_EPSILON):
         from .rules import Epsilon, Flat, ZPlus
         super().__init__(_common_map(epsilon) + [(_CONVS, ZPlus()), (nn.Linear, Epsilon(epsilon))],
                          [(_CONVS + (nn.Linear,), Flat())])
@@ -197,7 +198,7 @@ class EpsilonPlusFlat(SpecialFirstLayerMapComposite):
 class EpsilonAlpha2Beta1(LayerMapComposite):
     """AlphaBeta(2, 1) on convolutions, Epsilon on linear layers, Pass on activations, Norm on pooling."""
 
-    def __init__(self, epsilon: float = 1e-6):
+    def __init__(self, epsilon: float = DEFAULT_EPSILON):
         from .rules import AlphaBeta, Epsilon
         super().__init__(_common_map(epsilon) + [(_CONVS, AlphaBeta(2.0, 1.0)), (nn.Linear, Epsilon(epsilon))])
 
@@ -205,7 +206,7 @@ class EpsilonAlpha2Beta1(LayerMapComposite):
 class EpsilonAlpha2Beta1Flat(SpecialFirstLayerMapComposite):
     """As :class:`EpsilonAlpha2Beta1`, with the Flat rule on the first convolution or linear layer."""
 
-    def __init__(self, epsilon: float = 1e-6):
+    def __init__(self, epsilon: float = DEFAULT_EPSILON):
         from .rules import AlphaBeta, Epsilon, Flat
         super().__init__(_common_map(epsilon) + [(_CONVS, AlphaBeta(2.0, 1.0)), (nn.Linear, Epsilon(epsilon))],
                          [(_CONVS + (nn.Linear,), Flat())])

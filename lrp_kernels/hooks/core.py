@@ -68,9 +68,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 from torch import nn
 
-from ..tools import check as _check
-from ..ops._common import DEFAULT_EPSILON, compute_dtype
-from ..ops._common import stabilize as _stab_basic
+from ..ops._common import DEFAULT_EPSILON, compute_dtype, record, recording, stabilize
 
 __all__ = ["Hook", "BasicHook", "ParamMod", "HookHandle", "stabilize", "hooks_suppressed",
            "identity", "zero_grad_reducer"]
@@ -79,34 +77,7 @@ Tensors = Tuple[Optional[torch.Tensor], ...]
 
 
 # ----------------------------------------------------------------------------- stabiliser
-
-def stabilize(x: torch.Tensor, epsilon: float = DEFAULT_EPSILON, clip: bool = False,
-              norm_scale: bool = False, dim: Optional[Union[int, Sequence[int]]] = None) -> torch.Tensor:
-    """Keep ``x`` away from zero without flipping its sign (``sgn(0) = +1``).
-
-    * default: ``x + eps * sgn(x)`` (SPEC.md "Stabiliser");
-    * ``clip=True``: ``sgn(x) * max(|x|, eps)`` (only values within ``eps`` of zero change);
-    * ``norm_scale=True``: ``eps`` is multiplied by the root mean square of ``x`` over ``dim``
-      (all dims when ``None``), making it relative to the scale of ``x``.
-
-    Computed and returned in float32 or higher, whatever the dtype of ``x``.
-    """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if not isinstance(epsilon, (int, float)) or epsilon < 0:
-        raise ValueError(f"epsilon must be a non-negative number, got {epsilon!r}")
-    x = x.to(compute_dtype(x))
-    eps: Union[float, torch.Tensor] = epsilon
-    if norm_scale:
-        dims = tuple(range(x.dim())) if dim is None else dim
-        eps = epsilon * x.pow(2).mean(dim=dims, keepdim=True).sqrt()
-    if not clip and not norm_scale:
-        return _stab_basic(x, epsilon)
-    sign = torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
-    if clip:
-        return sign * torch.maximum(x.abs(), torch.as_tensor(eps, dtype=x.dtype, device=x.device))
-    return x + eps * sign
-
+# `stabilize` is the one stabiliser of lrp_kernels.ops (re-exported here, as Zennit users expect).
 
 def _as_stabilizer(stabilizer: Union[None, float, Callable]) -> Callable[[torch.Tensor], torch.Tensor]:
     if stabilizer is None:
@@ -562,12 +533,12 @@ class BasicHook(Hook):
                 result: Sequence[Optional[torch.Tensor]], grad_output: torch.Tensor,
                 y: Optional[torch.Tensor] = None) -> None:
         """Hand this application to the conservation check mode (no-op when none is active)."""
-        if not _check.active():
+        if not recording():
             return
         if not self.relevance and y is None:
             with torch.no_grad():
                 y = _tensor_output(_rerun(module, {}, inputs, self._kwargs()), module)
-        _check.record(f"{type(self).__name__}({type(module).__name__})", [inputs[i] for i in positions],
+        record(f"{type(self).__name__}({type(module).__name__})", [inputs[i] for i in positions],
                       [result[i] for i in positions], None if self.relevance else y, grad_output,
                       self.relevance, lambda: self.expects_conservation(module))
 

@@ -32,9 +32,9 @@ from typing import Callable, Iterable, Optional, Union
 import torch
 from torch import nn
 
-from ..backends import dispatch
 from .core import BasicHook, Hook, ParamMod, zero_grad_reducer
-from ..ops import linear_gamma as _linear_gamma  # noqa: F401  (registers linear_gamma_backward)
+from ..ops.linear_epsilon import linear_epsilon_backward
+from ..ops.linear_gamma import linear_gamma_backward
 from ..ops._common import DEFAULT_EPSILON
 
 __all__ = ["ClampMod", "GammaMod", "NoMod", "Epsilon", "ZPlus", "AlphaBeta", "Gamma", "Flat",
@@ -144,8 +144,8 @@ class Epsilon(BasicHook):
         x, weight, bias, z = fused
         if z is not None:  # the op's z is the denominator too: zeroed bias in the gradient view
             return super().backward(module, grad_input, grad_output)
-        res = dispatch.call("linear_epsilon_backward", grad_output[0], x, weight, bias, None,
-                            float(self.epsilon), self.relevance)
+        res = linear_epsilon_backward(grad_output[0], x, weight, bias, None, float(self.epsilon),
+                                      self.relevance)
         self._report(module, (x,), (0,), (res,), grad_output[0])
         return (res,)
 
@@ -238,8 +238,8 @@ class Gamma(BasicHook):
         if fused is None:
             return super().backward(module, grad_input, grad_output)
         x, weight, bias, z = fused
-        res = dispatch.call("linear_gamma_backward", grad_output[0], x, weight, bias, z, self.gamma,
-                            float(self.epsilon), self.relevance)
+        res = linear_gamma_backward(grad_output[0], x, weight, bias, z, self.gamma, float(self.epsilon),
+                                    self.relevance)
         self._report(module, (x,), (0,), (res,), grad_output[0])
         return (res,)
 

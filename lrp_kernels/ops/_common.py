@@ -2,7 +2,9 @@
 the (near-free when inactive) hooks of the conservation check mode (:mod:`lrp_kernels.tools.check`)."""
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+import math
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -16,14 +18,45 @@ def compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
     return torch.float32
 
 
-def stabilize(z: torch.Tensor, epsilon: float) -> torch.Tensor:
-    """``stab(z) = z + eps * sgn(z)`` with ``sgn(0) = +1``: never zero, never flips sign.
+def stabilize(z: torch.Tensor, epsilon: float = DEFAULT_EPSILON, *, clip: bool = False,
+              norm_scale: bool = False, dim: Optional[Union[int, Sequence[int]]] = None) -> torch.Tensor:
+    """The stabiliser: keep ``z`` away from zero without flipping its sign (``sgn(0) = +1``).
 
-    Computed in float32 or higher whatever ``z``'s dtype (SPEC.md, "Stabiliser").
+    * default: ``stab(z) = z + eps * sgn(z)`` (docs/math.md, "Stabiliser"), what every rule uses;
+    * ``clip=True``: ``sgn(z) * max(|z|, eps)`` (only values within ``eps`` of zero change);
+    * ``norm_scale=True``: ``eps`` is multiplied by the root mean square of ``z`` over ``dim``
+      (all dims when ``None``), making it relative to the scale of ``z``.
+
+    Computed and returned in float32 or higher, whatever the dtype of ``z``. The Triton kernels
+    use the same formula (``lrp_kernels.backends.triton.stabilize``).
     """
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(f"z must be a torch.Tensor, got {type(z).__name__}")
+    check_epsilon(epsilon)
     z = z.to(compute_dtype(z))
-    # sign() is 0 at 0; adding (z == 0) makes it +1. About 2x faster on CPU than torch.where.
-    return z.sign().add_(z == 0).mul_(epsilon).add_(z)
+    if not clip and not norm_scale:
+        # sign() is 0 at 0; adding (z == 0) makes it +1. About 2x faster on CPU than torch.where.
+        return z.sign().add_(z == 0).mul_(epsilon).add_(z)
+    eps: Union[float, torch.Tensor] = epsilon
+    if norm_scale:
+        dims = tuple(range(z.dim())) if dim is None else dim
+        eps = epsilon * z.pow(2).mean(dim=dims, keepdim=True).sqrt()
+    sign = torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
+    if clip:
+        return sign * torch.maximum(z.abs(), torch.as_tensor(eps, dtype=z.dtype, device=z.device))
+    return z + eps * sign
+
+
+def stab_ratio(y: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """``y / stab(y)`` in float32 or higher, computed as ``|y| / (|y| + eps)``.
+
+    The same value (``y - eps == -(|y| + eps)`` for ``y < 0``; both 0 at ``y = 0``) in four
+    element-wise passes and two temporaries instead of seven and four: the gradient view of
+    every epsilon rule scales the incoming gradient by it.
+    """
+    cd = compute_dtype(y)
+    ratio = y.abs() if y.dtype == cd else y.to(cd).abs_()
+    return ratio.div_(ratio + epsilon)
 
 
 def check_float(name: str, t: torch.Tensor) -> None:
@@ -50,9 +83,10 @@ def check_same_dtype(**tensors: Optional[torch.Tensor]) -> None:
         raise TypeError(f"expected one dtype for all tensors, got {listed}")
 
 
-def check_epsilon(epsilon: float) -> None:
-    if not isinstance(epsilon, (int, float)) or epsilon < 0:
-        raise ValueError(f"epsilon must be a non-negative number, got {epsilon!r}")
+def check_epsilon(epsilon: float, name: str = "epsilon") -> None:
+    """A finite number >= 0 (NaN would make every relevance NaN, inf every relevance 0)."""
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not 0 <= epsilon < math.inf:
+        raise ValueError(f"{name} must be a finite number >= 0, got {epsilon!r}")
 
 
 def zero_masked(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -76,19 +110,37 @@ def pin_backend(backend: Optional[str]) -> Optional[str]:
 
     if backend is None:
         return dispatch.forced_backend()
-    if backend not in dispatch.BACKENDS + ("auto",):
-        raise ValueError(f"backend must be one of {dispatch.BACKENDS + ('auto',)}, got {backend!r}")
-    if backend not in ("auto", "torch"):
-        ok, why = dispatch.backend_status(backend)
-        if not ok:
-            raise dispatch.BackendUnavailableError(f"backend {backend!r} is not available: {why}")
+    dispatch.check_backend(backend)
     return backend
 
 
-# ---- hook for the conservation check mode (lrp_kernels.tools.check) ------------------------------
+# ---- hook for the conservation check mode (lrp_kernels.tools.check) ------------------------
 # The active recorder is process-wide, not thread-local: CUDA backward passes run on autograd
 # worker threads. When no check is active (the normal case) each hook costs one global read.
+# Only set_recorder() writes it.
 _RECORDER = None
+
+
+def set_recorder(recorder) -> object:
+    """Make ``recorder`` (or None) the active one; returns the previous one."""
+    global _RECORDER
+    previous, _RECORDER = _RECORDER, recorder
+    return previous
+
+
+def recording() -> bool:
+    """True while a conservation check records (:func:`lrp_kernels.check.conservation`)."""
+    return _RECORDER is not None
+
+
+@contextlib.contextmanager
+def recording_suspended() -> Iterator[None]:
+    """No recording inside the block (a rule's own internal VJPs are not rule applications)."""
+    previous = set_recorder(None)
+    try:
+        yield
+    finally:
+        set_recorder(previous)
 
 
 def record_forward(ctx, op: str, inputs: tuple, output: torch.Tensor) -> None:
@@ -109,6 +161,63 @@ def record_backward(ctx, input_grads: tuple, output_grad: torch.Tensor, relevanc
     rec = _RECORDER
     if token is not None and rec is not None:
         rec.on_backward(token, input_grads, output_grad, relevance, expected)
+
+
+_Tensors = Union[torch.Tensor, Sequence[Optional[torch.Tensor]], None]
+
+
+def _as_seq(t: _Tensors) -> tuple:
+    if t is None:
+        return ()
+    if isinstance(t, torch.Tensor):
+        return (t,)
+    return tuple(t)
+
+
+def record(op_name: str, inputs: _Tensors, input_grads: _Tensors, outputs: _Tensors, output_grads: _Tensors,
+           relevance_view: bool, expected: Union[bool, Callable[[], bool]]):
+    """Record one rule application from a backward (for rules outside :mod:`lrp_kernels.ops`).
+
+    ``inputs`` / ``input_grads`` and ``outputs`` / ``output_grads`` pair up (a tensor or a
+    sequence; ``None`` grads are skipped; in the relevance view the values are not needed and
+    ``inputs`` / ``outputs`` may be None); ``relevance_view`` says what the grads are;
+    ``expected`` whether SPEC promises conservation (a callable is evaluated only when a check
+    is active). Does nothing and returns None when no check is active, else the
+    :class:`lrp_kernels.tools.check.Record`. Never changes tensors.
+    """
+    rec = _RECORDER
+    if rec is None:
+        return None
+    input_grads, output_grads = _as_seq(input_grads), _as_seq(output_grads)
+    inputs, outputs = _as_seq(inputs), _as_seq(outputs)
+    if relevance_view:  # sums of the grads alone: the values may be left out
+        inputs = inputs or (None,) * len(input_grads)
+        outputs = outputs or (None,) * len(output_grads)
+    return rec.add(op_name, inputs, input_grads, outputs, output_grads, relevance_view, expected)
+
+
+def record_module(op: str, fn, x: torch.Tensor, expected) -> torch.Tensor:
+    """``fn(x)``; while a check records, also one record of the rule that ``fn`` applies, from the
+    gradients its output receives and its *own* input receives (through a fresh view of ``x``,
+    so gradients reaching ``x`` from other consumers are not counted). Gradient view."""
+    rec = _RECORDER
+    if rec is None or not x.requires_grad:
+        return fn(x)
+    own = x.view_as(x)
+    y = fn(own)
+    token = rec.on_forward(op, (x,), y)
+    seen = {}
+
+    def on_output(grad):
+        seen["g"] = grad
+
+    def on_input(grad):
+        if "g" in seen and _RECORDER is rec:
+            rec.on_backward(token, (grad,), seen.pop("g"), False, expected)
+
+    y.register_hook(on_output)
+    own.register_hook(on_input)
+    return y
 
 
 def is_zero(t: Optional[torch.Tensor]) -> bool:

@@ -53,7 +53,8 @@ from typing import Optional
 import torch
 
 from ..backends import dispatch
-from ._common import DEFAULT_EPSILON, check_epsilon, check_float, check_same_device, compute_dtype, stabilize
+from ._common import (DEFAULT_EPSILON, check_epsilon, check_float, check_same_device, compute_dtype,
+                      pin_backend, record_backward, record_forward, stabilize)
 
 RULES = ("attnlrp", "cp-lrp")
 IMPLS = ("auto", "eager", "chunked", "flash")
@@ -314,9 +315,10 @@ def relevance_input(grad_o, o, spec: _Spec, relevance: bool) -> torch.Tensor:
     return h if relevance else h * of
 
 
-def attnlrp_backward_torch(grad_o, q, k, v, o, lse, spec: _Spec, relevance: bool,
+def attnlrp_backward_torch(h, q, k, v, o, lse, spec: _Spec, relevance: bool,
                            block_size: Optional[int]):
-    """``(G_Q, G_K, G_V)`` (relevance view: ``R_Q, R_K, R_V``) block by block over queries.
+    """``(G_Q, G_K, G_V)`` (relevance view: ``R_Q, R_K, R_V``) block by block over queries,
+    from ``H`` (:func:`relevance_input`, computed by the rule for every backend).
 
     Three block buffers are allocated once and reused (S then P, S0/stab(S0), H V^T then T);
     the gradients accumulate in place (``baddbmm_``), so the loop allocates nothing large."""
@@ -324,7 +326,6 @@ def attnlrp_backward_torch(grad_o, q, k, v, o, lse, spec: _Spec, relevance: bool
     attn = spec.rule == "attnlrp"
     B, Hkv, G, d, dv, M = spec.B, spec.Hkv, spec.G, spec.d, spec.dv, spec.M
     BH = B * Hkv
-    h = relevance_input(grad_o, o, spec, relevance)
     hr = _rows(h, spec)
     dr = _rows((h * o.to(spec.cd)).sum(-1, keepdim=True), spec)  # D = rowsum(H * O)
     lr = _rows(lse.to(spec.cd)[..., None], spec)
@@ -392,13 +393,17 @@ class AttnLRPFn(torch.autograd.Function):
         o, lse = dispatch.call("attnlrp_attention_forward", q, k, v, spec, block_size, backend=backend)
         ctx.spec, ctx.relevance, ctx.backend, ctx.block_size = spec, relevance, backend, block_size
         ctx.save_for_backward(q, k, v, o, lse)
+        record_forward(ctx, f"attention({spec.rule})", (q, k, v), o)
         return o
 
     @staticmethod
     def backward(ctx, grad_o):
         q, k, v, o, lse = ctx.saved_tensors
-        gq, gk, gv = dispatch.call("attnlrp_attention_backward", grad_o, q, k, v, o, lse, ctx.spec,
+        h = relevance_input(grad_o, o, ctx.spec, ctx.relevance)
+        gq, gk, gv = dispatch.call("attnlrp_attention_backward", h, q, k, v, o, lse, ctx.spec,
                                    ctx.relevance, ctx.block_size, backend=ctx.backend)
+        # CP-LRP: the epsilon rule of P @ V alone (conserving); AttnLRP: the softmax absorbs
+        record_backward(ctx, (gq, gk, gv), grad_o, ctx.relevance, ctx.spec.rule == "cp-lrp")
         need = ctx.needs_input_grad
         return (gq if need[0] else None, gk if need[1] else None, gv if need[2] else None,
                 None, None, None, None)
@@ -424,6 +429,7 @@ def attnlrp_attention(
     relevance: bool = False,
     impl: str = "auto",
     block_size: Optional[int] = None,
+    backend: Optional[str] = None,
 ) -> torch.Tensor:
     """``softmax(scale * Q @ K^T + mask) @ V`` with the AttnLRP (or CP-LRP) backward.
 
@@ -439,7 +445,11 @@ def attnlrp_attention(
         rule: ``"attnlrp"`` or ``"cp-lrp"`` (no relevance through the softmax path).
         relevance: False = gradient view (what model patches use), True = relevance view.
         impl: ``"auto"``, ``"eager"``, ``"chunked"`` (PyTorch, memory-lean) or ``"flash"`` (Triton).
+            ``chunked`` / ``flash`` force the ``torch`` / ``triton`` backend of the fused kernel ops.
         block_size: query rows per block for ``chunked`` (default: about 1M scores, >= 32 rows).
+        backend: with ``impl="auto"``, the backend to use (as for every rule; ``None`` lets the
+            dispatcher choose: flash where Triton runs on the device, else chunked, or eager
+            for tiny problems).
 
     Returns:
         ``O`` ``[B, Hq, N, dv]`` in the inputs' dtype (fp32 accumulation).
@@ -449,11 +459,14 @@ def attnlrp_attention(
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if block_size is not None and not (isinstance(block_size, int) and block_size > 0):
         raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
-    if impl == "auto" and spec.N * spec.M <= _EAGER_MAX_SCORES and not query.is_cuda:
-        impl = "eager"
     if impl == "eager":
         return _eager(query, key, value, spec, relevance)
-    backend = {"auto": None, "chunked": "torch", "flash": "triton"}[impl]
+    if impl != "auto":
+        backend = {"chunked": "torch", "flash": "triton"}[impl]
+    backend = pin_backend(backend)
     if backend != "torch":
         _load_triton()
+    if (impl == "auto" and spec.N * spec.M <= _EAGER_MAX_SCORES and dispatch.chosen_backend(
+            "attnlrp_attention_forward", query, key, value, spec, block_size, backend=backend) == "torch"):
+        return _eager(query, key, value, spec, relevance)  # one small matrix beats the blocks
     return AttnLRPFn.apply(query, key, value, spec, relevance, backend, block_size)

@@ -69,3 +69,12 @@ def linear_gamma_backward_torch(
 
 
 dispatch.register("linear_gamma_backward", "torch", linear_gamma_backward_torch)
+
+
+def linear_gamma_backward(grad_z: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                          bias: Optional[torch.Tensor], z: Optional[torch.Tensor], gamma: float,
+                          epsilon: float, relevance: bool, *, backend: Optional[str] = None) -> torch.Tensor:
+    """The gamma rule's backward for ``nn.Linear`` (``R_x`` or ``G_x`` from ``grad_z``), on the
+    backend the dispatcher picks (fused Triton kernels on CUDA)."""
+    return dispatch.call("linear_gamma_backward", grad_z, x, weight, bias, z, gamma, epsilon, relevance,
+                         backend=backend)

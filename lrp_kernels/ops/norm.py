@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 
 from ..backends import dispatch
-from ._common import (check_epsilon, check_float, check_same_device, compute_dtype, is_zero, pin_backend,
+from ._common import (DEFAULT_EPSILON, check_epsilon, check_float, check_same_device, compute_dtype, is_zero, pin_backend,
                       record_backward, record_forward, stabilize)
 
 
@@ -150,7 +150,7 @@ class LayerNormFn(torch.autograd.Function):
 
 
 def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
-               eps: float = 1e-5, epsilon: float = 1e-6, *, relevance: bool = True,
+               eps: float = 1e-5, epsilon: float = DEFAULT_EPSILON, *, relevance: bool = True,
                backend: Optional[str] = None) -> torch.Tensor:
     """LayerNorm over the last dim with the SPEC mixture rule (``epsilon`` stabilises the rule,
     ``eps`` is the norm's own variance epsilon)."""

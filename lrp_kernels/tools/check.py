@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..ops import _common
+from ..ops._common import record
 
 __all__ = ["conservation", "record", "Record", "ConservationReport"]
 
@@ -170,36 +171,9 @@ def _relevance(t: Optional[torch.Tensor], g: torch.Tensor, relevance_view: bool)
         return g
     if t is None:
         raise ValueError("the gradient view needs the tensor values to form t * t.grad")
-    return t.detach().to(torch.float64) * g
-
-
-def _as_seq(t: Tensors) -> tuple:
-    if t is None:
-        return ()
-    if isinstance(t, torch.Tensor):
-        return (t,)
-    return tuple(t)
-
-
-def record(op_name: str, inputs: Tensors, input_grads: Tensors, outputs: Tensors, output_grads: Tensors,
-           relevance_view: bool, expected: Union[bool, Callable[[], bool]]) -> Optional[Record]:
-    """Record one rule application from a backward (for rules outside :mod:`lrp_kernels.ops`).
-
-    ``inputs`` / ``input_grads`` and ``outputs`` / ``output_grads`` pair up (a tensor or a
-    sequence; ``None`` grads are skipped; in the relevance view the values are not needed and
-    ``inputs`` / ``outputs`` may be None); ``relevance_view`` says what the grads are;
-    ``expected`` whether SPEC promises conservation (a callable is evaluated only when a check
-    is active). Does nothing and returns None when no check is active. Never changes tensors.
-    """
-    rec = _common._RECORDER
-    if rec is None:
-        return None
-    input_grads, output_grads = _as_seq(input_grads), _as_seq(output_grads)
-    inputs, outputs = _as_seq(inputs), _as_seq(outputs)
-    if relevance_view:  # sums of the grads alone: the values may be left out
-        inputs = inputs or (None,) * len(input_grads)
-        outputs = outputs or (None,) * len(output_grads)
-    return rec.add(op_name, inputs, input_grads, outputs, output_grads, relevance_view, expected)
+    # masked logits (-inf) get no gradient: their relevance is 0, not -inf * 0 = nan
+    return torch.where(g == 0, torch.zeros((), dtype=torch.float64, device=g.device),
+                       t.detach().to(torch.float64) * g)
 
 
 def _push_label(report: ConservationReport, label: str):
@@ -217,7 +191,7 @@ def _pop_label(report: ConservationReport):
 
 def active() -> bool:
     """True inside a ``conservation`` block."""
-    return _common._RECORDER is not None
+    return _common.recording()
 
 
 @contextlib.contextmanager
@@ -237,10 +211,10 @@ def conservation(rtol: float = 1e-3, atol: float = 0.0,
         for name, sub in module.named_modules():
             handles.append(sub.register_forward_pre_hook(_push_label(report, name or type(sub).__name__)))
             handles.append(sub.register_forward_hook(_pop_label(report)))
-    _common._RECORDER = report
+    _common.set_recorder(report)
     try:
         yield report
     finally:
-        _common._RECORDER = None
+        _common.set_recorder(None)
         for h in handles:
             h.remove()

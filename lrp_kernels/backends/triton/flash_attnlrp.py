@@ -37,13 +37,9 @@ import triton.language as tl
 
 from .. import dispatch
 from .. import triton as _backend
+from . import stabilize
 
 MAX_HEAD_DIM = 256
-
-
-@triton.jit
-def _stab(z, eps):
-    return z + tl.where(z >= 0, eps, -eps)
 
 
 @triton.jit
@@ -219,8 +215,8 @@ def _dq_kernel(
         p = tl.exp(s - lse[:, None])
         gs = p * (_dot(hh, tl.trans(v), LOWP, PRECISION) - dsum[:, None])
         if SOFTCAP:
-            gs = gs * y / _stab(s0 * (scale / softcap), eps)
-        t = gs * s0 / (2.0 * _stab(s0, eps))
+            gs = gs * y / stabilize(s0 * (scale / softcap), eps)
+        t = gs * s0 / (2.0 * stabilize(s0, eps))
         if LOWP:
             t = t.to(k.dtype)
         dq += _dot(t, k, LOWP, PRECISION)
@@ -292,8 +288,8 @@ def _dkv_kernel(
                 dsum = tl.load(DS + row0 + offs_m, mask=in_m, other=0.0)
                 gs = p * (_dot(hh, tl.trans(v), LOWP, PRECISION) - dsum[:, None])
                 if SOFTCAP:
-                    gs = gs * y / _stab(s0 * (scale / softcap), eps)
-                t = gs * s0 / (2.0 * _stab(s0, eps))
+                    gs = gs * y / stabilize(s0 * (scale / softcap), eps)
+                t = gs * s0 / (2.0 * stabilize(s0, eps))
                 if LOWP:
                     t = t.to(q.dtype)
                 dk += _dot(tl.trans(t), q, LOWP, PRECISION)
@@ -374,13 +370,12 @@ def attnlrp_forward_triton(q, k, v, spec, block_size=None):
     return o, lse
 
 
-def attnlrp_backward_triton(grad_o, q, k, v, o, lse, spec, relevance, block_size=None):
-    """``(G_Q, G_K, G_V)`` (``R_*`` in the relevance view) in the inputs' dtypes."""
-    from ...ops.attention import relevance_input
-
+def attnlrp_backward_triton(h, q, k, v, o, lse, spec, relevance, block_size=None):
+    """``(G_Q, G_K, G_V)`` (``R_*`` in the relevance view) in the inputs' dtypes, from ``H``
+    (``G_O * O / (share * stab(O))``, or ``R_O / ...``: computed by the rule)."""
     attn = spec.rule == "attnlrp"
     q, k, v = _dense(q), _dense(k), _dense(v)
-    h = relevance_input(grad_o, o, spec, relevance).float().contiguous()  # [B, Hq, N, dv]
+    h = h.float().contiguous()  # [B, Hq, N, dv]
     dsum = (h * o.float()).sum(-1).contiguous()                           # [B, Hq, N]
     # gradients share their input's strides so one set of stride arguments serves both
     gq = torch.empty_like(q) if attn else torch.zeros_like(q)
@@ -436,7 +431,7 @@ def supports_forward(q, k, v, spec, block_size=None) -> Optional[str]:
     return _supports(q, k, v, spec)
 
 
-def supports_backward(grad_o, q, k, v, o, lse, spec, relevance, block_size=None) -> Optional[str]:
+def supports_backward(h, q, k, v, o, lse, spec, relevance, block_size=None) -> Optional[str]:
     return _supports(q, k, v, spec)
 
 

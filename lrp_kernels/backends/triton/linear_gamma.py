@@ -26,6 +26,7 @@ import triton.language as tl
 
 from .. import dispatch
 from .. import triton as _backend
+from . import stabilize
 
 GPU_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
 INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
@@ -78,8 +79,8 @@ def _gamma_den_kernel(
         else:
             r = r * (total / (2.0 + gamma))
     positive = total >= 0
-    sp = acc_p + eps * tl.where(acc_p >= 0, 1.0, -1.0)
-    sn = acc_n + eps * tl.where(acc_n >= 0, 1.0, -1.0)
+    sp = stabilize(acc_p, eps)
+    sn = stabilize(acc_n, eps)
     gp = tl.where(positive, r / sp, 0.0)
     gn = tl.where(positive, 0.0, r / sn)
     out = offs_m[:, None] * stride_pm + offs_n[None, :] * stride_pn

@@ -17,7 +17,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-Installer = Callable  # (ctx, name, module) -> None
+Installer = Callable  # (handle, name, module) -> None
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class Family:
     rms_norm_names: tuple[str, ...] = ()
     # class names whose own parameters enter only as additive constants (no rule needed)
     parameter_holders: tuple[str, ...] = ()
-    # called once after the generic rules: (ctx, model) -> None
+    # called once after the generic rules: (handle, model) -> None
     setup: Optional[Callable] = None
 
 

@@ -7,19 +7,19 @@ from . import Family
 from ..installers import install_gated_mlp, softcap_identity
 
 
-def _final_softcap(ctx, model) -> None:
+def _final_softcap(handle, model) -> None:
     config = model.config
     cap = getattr(config, "final_logit_softcapping", None)
     head = getattr(model, "lm_head", None)
     if not cap or head is None:
         return
-    ctx.set_attr(config, "final_logit_softcapping", None)
+    handle.set_attr(config, "final_logit_softcapping", None)
 
     def make(orig):
         def forward(x):
-            return softcap_identity(ctx, orig(x), float(cap))
+            return softcap_identity(handle, orig(x), float(cap))
         return forward
-    ctx.rebind(head, make)
+    handle.rebind(head, make)
 
 
 FAMILY = Family(

@@ -15,7 +15,7 @@ from . import Family
 from ..installers import install_gated_mlp, install_stop_input
 
 
-def install_experts(ctx, name, module) -> None:
+def install_experts(handle, name, module) -> None:
     def forward(hidden_states, top_k_index, top_k_weights):
         out = torch.zeros_like(hidden_states)
         weights = top_k_weights.detach()  # routing weights are constants (see module docstring)
@@ -24,20 +24,20 @@ def install_experts(ctx, name, module) -> None:
             if token.numel() == 0:
                 continue
             x = hidden_states[token]
-            gate, up = grad.linear_epsilon(x, module.gate_up_proj[e], None, ctx.epsilon,
-                                           backend=ctx.backend).chunk(2, dim=-1)
-            h = grad.mul2(module.act_fn(gate), up, backend=ctx.backend)
-            y = grad.linear_epsilon(h, module.down_proj[e], None, ctx.epsilon, backend=ctx.backend)
+            gate, up = grad.linear_epsilon(x, module.gate_up_proj[e], None, handle.epsilon,
+                                           backend=handle.backend).chunk(2, dim=-1)
+            h = grad.mul2(module.act_fn(gate), up, backend=handle.backend)
+            y = grad.linear_epsilon(h, module.down_proj[e], None, handle.epsilon, backend=handle.backend)
             y = y * weights[token, slot, None].to(y.dtype)
             out = out.index_add(0, token, y.to(out.dtype))
         return out
-    ctx.rebind(module, lambda orig: forward)
+    handle.rebind(module, lambda orig: forward)
 
 
-def _no_jitter(ctx, model) -> None:
+def _no_jitter(handle, model) -> None:
     for module in model.modules():
         if type(module).__name__ == "MixtralSparseMoeBlock" and getattr(module, "jitter_noise", 0):
-            ctx.set_attr(module, "jitter_noise", 0.0)  # random input scaling in train mode
+            handle.set_attr(module, "jitter_noise", 0.0)  # random input scaling in train mode
 
 
 FAMILY = Family(

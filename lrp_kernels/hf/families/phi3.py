@@ -4,11 +4,11 @@ from ...ops import grad
 from . import Family
 
 
-def install_phi3_mlp(ctx, name, module) -> None:
+def install_phi3_mlp(handle, name, module) -> None:
     def forward(x):
         gate, up = module.gate_up_proj(x).chunk(2, dim=-1)
-        return module.down_proj(grad.mul2(up, module.activation_fn(gate), backend=ctx.backend))
-    ctx.rebind(module, lambda orig: forward)
+        return module.down_proj(grad.mul2(up, module.activation_fn(gate), backend=handle.backend))
+    handle.rebind(module, lambda orig: forward)
 
 
 FAMILY = Family(name="phi3", model_types=("phi3",), module_rules={"Phi3MLP": install_phi3_mlp})

@@ -8,15 +8,15 @@ from ...ops import grad
 from . import Family
 
 
-def install_gated_dense(ctx, name, module) -> None:
+def install_gated_dense(handle, name, module) -> None:
     def forward(x):
-        h = grad.mul2(module.act(module.wi_0(x)), module.wi_1(x), backend=ctx.backend)
+        h = grad.mul2(module.act(module.wi_0(x)), module.wi_1(x), backend=handle.backend)
         h = module.dropout(h)
         w = module.wo.weight
         if isinstance(w, torch.Tensor) and h.dtype != w.dtype and w.dtype != torch.int8:
             h = h.to(w.dtype)  # T5 keeps ``wo`` in float32 (as transformers does)
         return module.wo(h)
-    ctx.rebind(module, lambda orig: forward)
+    handle.rebind(module, lambda orig: forward)
 
 
 FAMILY = Family(
