@@ -6,7 +6,7 @@ One forward and one backward per call (per generated token with ``generate=``)::
     exp.target.text, exp.top(3)          # '19', [(index, token, relevance), ...]
     exp.to_html("heatmap.html")
 
-How relevance is obtained (gradient view of SPEC.md): the model is patched with
+How relevance is obtained (gradient view of docs/math.md): the model is patched with
 :func:`lrp_kernels.hf.patching` (AttnLRP rules, reversibly, only for the call), the input embeddings
 are made leaves, the explained quantity (a logit, a sum of logits, or a logit difference) is
 backpropagated with gradient 1, and the relevance of token ``i`` is

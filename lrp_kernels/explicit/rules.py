@@ -10,8 +10,8 @@ module itself, so no operation inside it needs a drop-in. Relevance view by defa
     relevance = x.grad
 
 Notation: ``y_k = f(x_1, ..., x_m)`` (outputs ``k``, tensor inputs ``i``), ``R_y`` the incoming
-relevance, ``vjp(g)_i = sum_k J_ki^T g_k`` with ``J_ki = dy_k / dx_i``, ``stab`` the SPEC
-stabiliser, ``n`` the number of inputs that receive relevance. Only tensor inputs that require
+relevance, ``vjp(g)_i = sum_k J_ki^T g_k`` with ``J_ki = dy_k / dx_i``, ``stab`` the stabiliser
+of docs/math.md, ``n`` the number of inputs that receive relevance. Only tensor inputs that require
 grad receive relevance (the others are constants); non-tensor arguments and keyword arguments
 pass through untouched.
 
@@ -104,7 +104,7 @@ class Rule(nn.Module):
         """Raise a clear error if this rule cannot propagate through this call."""
 
     def expects_conservation(self, inputs, outputs, vjp) -> bool:
-        """Whether SPEC promises ``sum(R_in) == sum(R_out)`` for this call (the check mode's
+        """Whether docs/math.md promises ``sum(R_in) == sum(R_out)`` for this call (the check mode's
         ``expected``; evaluated only while a check is active)."""
         return self.conserves
 
@@ -255,7 +255,7 @@ def _jvp(outputs, tangents, vjp):
 
 def _times(factor: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``factor * v`` with exactly 0 where ``x`` is masked (-inf or the dtype's minimum): masked
-    logits carry no relevance, and ``-inf * 0`` must not become NaN (SPEC, masked logits)."""
+    logits carry no relevance, and ``-inf * 0`` must not become NaN (docs/math.md, masked logits)."""
     return zero_masked(factor * v, x) if x.is_floating_point() else factor * v
 
 
@@ -280,7 +280,7 @@ class _StabilisedRule(Rule):
 
 
 class EpsilonRule(_StabilisedRule):
-    """Epsilon-LRP for any module (AttnLRP Eq. 8 generalised by the VJP; SPEC last rows)."""
+    """Epsilon-LRP for any module (AttnLRP Eq. 8 generalised by the VJP; docs/math.md, any module through VJPs)."""
 
     share_between_inputs = False
 
@@ -412,8 +412,8 @@ class TaylorDecompositionRule(Rule):
         R_i = (x_i - r_i) * vjp(R_y / D)_i,     vjp evaluated at x
 
     * ``bias=True``:  ``D = stab(y)``. The bias term ``b`` keeps its share, so relevance is
-      absorbed (not conservative). With ``r = 0`` on a softmax this is exactly the SPEC softmax
-      rule ``R_x = x * (R_s - s * sum(R_s))``; on a linear layer it is the epsilon rule.
+      absorbed (not conservative). With ``r = 0`` on a softmax this is exactly the softmax
+      rule (docs/math.md) ``R_x = x * (R_s - s * sum(R_s))``; on a linear layer it is the epsilon rule.
     * ``bias=False``: ``D = stab(sum_i J_ki(x) (x_i - r_i))`` (a Jacobian-vector product): the
       bias is dropped and the relevance is conserved, ``sum_i R_i = sum_k R_y_k`` (eps -> 0).
       Needs a twice-differentiable module (the JVP is a double VJP).

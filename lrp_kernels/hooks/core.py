@@ -45,7 +45,7 @@ The defaults (identity modifiers, ``g = R_y / stab(y)``, ``R_x = sum_k x^k * v^k
 epsilon rule ``R_x = x * (J^T (R_y / stab(y)))``; the ``stabilizer`` argument is honoured by the
 default mapper and available to custom mappers as ``self.stabilizer``.
 
-Views (SPEC.md): ``relevance=True`` (default, as in Zennit) the backward receives the output
+Views (docs/math.md): ``relevance=True`` (default, as in Zennit) the backward receives the output
 relevance and returns the input relevance. ``relevance=False`` (gradient view, what the model
 patches of :mod:`lrp_kernels` use): the backward receives ``G_y`` with ``R_y = y * G_y`` and
 returns ``G_x = d/dx [sum R_x(x)]`` with the ``v^k`` held constant, which equals ``R_x / x`` for

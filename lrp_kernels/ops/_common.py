@@ -12,7 +12,7 @@ DEFAULT_EPSILON = 1e-6
 
 
 def compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
-    """float64 if any input is float64, else float32 (SPEC: stabilise in fp32 or higher)."""
+    """float64 if any input is float64, else float32 (docs/math.md: stabilise in fp32 or higher)."""
     if any(t is not None and t.dtype == torch.float64 for t in tensors):
         return torch.float64
     return torch.float32
@@ -155,7 +155,7 @@ def record_backward(ctx, input_grads: tuple, output_grad: torch.Tensor, relevanc
 
     ``input_grads`` align with the ``inputs`` given to :func:`record_forward` (``None`` for
     inputs that get no relevance); ``expected`` (bool or zero-argument callable, evaluated
-    only when recording) says whether SPEC promises conservation for this application.
+    only when recording) says whether docs/math.md promises conservation for this application.
     """
     token = getattr(ctx, "lrp_check", None)
     rec = _RECORDER
@@ -181,7 +181,7 @@ def record(op_name: str, inputs: _Tensors, input_grads: _Tensors, outputs: _Tens
     ``inputs`` / ``input_grads`` and ``outputs`` / ``output_grads`` pair up (a tensor or a
     sequence; ``None`` grads are skipped; in the relevance view the values are not needed and
     ``inputs`` / ``outputs`` may be None); ``relevance_view`` says what the grads are;
-    ``expected`` whether SPEC promises conservation (a callable is evaluated only when a check
+    ``expected`` whether docs/math.md promises conservation (a callable is evaluated only when a check
     is active). Does nothing and returns None when no check is active, else the
     :class:`lrp_kernels.tools.check.Record`. Never changes tensors.
     """

@@ -1,5 +1,5 @@
-r"""AttnLRP for a whole attention block, ``O = softmax(scale * Q @ K^T + mask) @ V`` (SPEC.md,
-"Attention block, fused"), without ever holding an N x M matrix in the fused paths.
+r"""AttnLRP for a whole attention block, ``O = softmax(scale * Q @ K^T + mask) @ V`` (docs/math.md,
+"The attention block, fused"), without ever holding an N x M matrix in the fused paths.
 
 Rules (``rule="attnlrp"``): uniform-epsilon on ``S0 = Q @ K^T`` and on ``P @ V``, Deep Taylor
 (with bias) on the softmax, identity on a Gemma soft-cap ``tanh``. Gradient view, per head::

@@ -1,4 +1,4 @@
-r"""Element-wise rules: epsilon add, uniform product, epsilon mean, identity, stop (SPEC.md).
+r"""Element-wise rules: epsilon add, uniform product, epsilon mean, identity, stop (docs/math.md).
 
 ==================  ==================================  ======================================
 rule                relevance view                      gradient view

@@ -1,4 +1,4 @@
-"""Explicit drop-ins, relevance view (SPEC.md, left column).
+"""Explicit drop-ins, relevance view (docs/math.md).
 
 Each is a ``torch.autograd.Function`` whose forward equals the plain op and whose backward
 propagates *relevance*::

@@ -1,4 +1,4 @@
-r"""Epsilon rule for a linear layer ``z = x @ W.T + b`` (SPEC.md; AttnLRP Eq. 8).
+r"""Epsilon rule for a linear layer ``z = x @ W.T + b`` (docs/math.md; AttnLRP Eq. 8).
 
 Relevance view::
 

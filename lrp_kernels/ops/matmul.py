@@ -1,4 +1,4 @@
-r"""Uniform-epsilon rule for ``O = A @ B`` (SPEC.md; AttnLRP Prop. 3.3).
+r"""Uniform-epsilon rule for ``O = A @ B`` (docs/math.md; AttnLRP Prop. 3.3).
 
 Relevance view::
 

@@ -79,7 +79,7 @@ class RMSNormIdentity(nn.Module):
 
 
 class LayerNormIdentity(nn.LayerNorm):
-    """``nn.LayerNorm`` (same constructor and ``state_dict``) with the SPEC LayerNorm rule."""
+    """``nn.LayerNorm`` (same constructor and ``state_dict``) with the LayerNorm rule of docs/math.md."""
 
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
                  device=None, dtype=None, epsilon: float = DEFAULT_EPSILON, relevance: bool = True) -> None:

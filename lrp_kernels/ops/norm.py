@@ -1,4 +1,4 @@
-r"""Normalisation rules (SPEC.md; AttnLRP Prop. 3.4).
+r"""Normalisation rules (docs/math.md; AttnLRP Prop. 3.4).
 
 RMSNorm-identity, ``y = w * x * rstd`` with ``rstd = 1 / sqrt(mean(x^2) + eps)``:
 
@@ -152,7 +152,7 @@ class LayerNormFn(torch.autograd.Function):
 def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
                eps: float = 1e-5, epsilon: float = DEFAULT_EPSILON, *, relevance: bool = True,
                backend: Optional[str] = None) -> torch.Tensor:
-    """LayerNorm over the last dim with the SPEC mixture rule (``epsilon`` stabilises the rule,
+    """LayerNorm over the last dim with the mixture rule of docs/math.md (``epsilon`` stabilises the rule,
     ``eps`` is the norm's own variance epsilon)."""
     _check_norm(x, weight, bias, eps)
     check_epsilon(epsilon)

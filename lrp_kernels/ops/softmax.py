@@ -1,4 +1,4 @@
-r"""Deep-Taylor rule (with bias) for ``s = softmax(x / T)`` (SPEC.md; AttnLRP Prop. 3.1).
+r"""Deep-Taylor rule (with bias) for ``s = softmax(x / T)`` (docs/math.md; AttnLRP Prop. 3.1).
 
 Relevance view (sums over the softmax dim)::
 
@@ -65,7 +65,7 @@ class SoftmaxDTFn(torch.autograd.Function):
         x, s = ctx.saved_tensors
         grad_x = dispatch.call("softmax_dt_backward", grad_s, x, s, ctx.dim, ctx.temperature,
                                ctx.relevance, backend=ctx.backend)
-        # Deep Taylor with bias absorbs relevance: not conservative (SPEC)
+        # Deep Taylor with bias absorbs relevance: not conservative (docs/math.md)
         record_backward(ctx, (grad_x,), grad_s, ctx.relevance, False)
         return grad_x, None, None, None, None, None
 

@@ -1,6 +1,6 @@
 """Conservation check mode: per-rule relevance sums, and the first rule that loses relevance.
 
-SPEC.md: with ``eps -> 0`` and zero biases the epsilon, identity and uniform rules conserve
+docs/math.md: with ``eps -> 0`` and zero biases the epsilon, identity and uniform rules conserve
 relevance, ``sum(R_in) == sum(R_out)``; the softmax rule (Deep Taylor with bias) and biased
 layers absorb some and are not expected to. Inside the block every rule application records,
 during backward, the relevance entering it (output side) and leaving it (input side)::
@@ -51,7 +51,7 @@ class Record:
     r_out: float        # relevance entering (output side)
     r_in: float         # relevance leaving (input side, inputs that receive relevance)
     mass: float         # sum(|R_out|), the tolerance scale
-    expected: bool      # SPEC promises conservation here
+    expected: bool      # docs/math.md promises conservation here
     conserved: bool     # |r_in - r_out| <= atol + rtol * mass
 
     @property

@@ -2,7 +2,7 @@
 
 The library behind ``lrp-kernels compare`` (:mod:`lrp_kernels.cli.compare`): builds random
 inputs of the given sizes ``(M, N, K)``, runs each kernel op on every available backend that implements it,
-and prints the max absolute and norm-wise relative error vs a float64 evaluation of SPEC.md
+and prints the max absolute and norm-wise relative error vs a float64 evaluation of docs/math.md
 (the small oracle below, written from the formulas) and vs the torch backend; a row whose error exceeds the dtype's tolerance (``TOLERANCE``) has
 status ``MISMATCH``.
 
@@ -31,7 +31,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 F64 = torch.float64
 
 
-# ---- float64 oracle of SPEC.md (rules applied to given forward values) ------------------------
+# ---- float64 oracle of docs/math.md (rules applied to given forward values) ------------------------
 
 def _d(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.detach().to(F64)

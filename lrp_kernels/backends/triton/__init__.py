@@ -98,7 +98,7 @@ if triton is not None:
 
     @triton.jit
     def stabilize(z, eps):
-        """``z + eps * sgn(z)``, ``sgn(0) = +1``; ``z`` float32 (SPEC: never zero, never flips)."""
+        """``z + eps * sgn(z)``, ``sgn(0) = +1``; ``z`` float32 (docs/math.md: never zero, never flips)."""
         return z + tl.where(z >= 0, eps, -eps)
 
 

@@ -1,4 +1,4 @@
-r"""Flash-AttnLRP: the fused attention rule of SPEC.md ("Attention block, fused") in Triton,
+r"""Flash-AttnLRP: the fused attention rule of docs/math.md ("The attention block, fused") in Triton,
 never holding an N x M matrix (ops ``attnlrp_attention_forward`` / ``attnlrp_attention_backward``;
 public API and the torch backend: :mod:`lrp_kernels.ops.attention`).
 

@@ -1,7 +1,7 @@
 r"""Epsilon-linear backward as ONE fused GEMM (op ``linear_epsilon_backward``).
 
 For ``z = x @ W.T + b`` (``x [M, K]``, ``W [N, K]``; leading batch dims are flattened into
-``M``), SPEC.md's epsilon rule is
+``M``), the epsilon rule of docs/math.md is
 
     relevance view:  R_x = x * ((R_z / stab(z)) @ W)
     gradient view:   G_x = (G_z * z / stab(z)) @ W

@@ -1,6 +1,6 @@
 r"""Uniform-epsilon matmul backward as two fused GEMMs (op ``matmul_ue_backward``).
 
-For ``O = A @ B`` (``A [..., M, K]``, ``B [..., K, N]``, equal batch shapes; SPEC.md,
+For ``O = A @ B`` (``A [..., M, K]``, ``B [..., K, N]``, equal batch shapes; docs/math.md,
 AttnLRP Prop. 3.3), with ``share = 2`` (or 1 when only one operand receives relevance):
 
     relevance view:  Nr = R_O / (share * stab(O));      R_A = A * (Nr @ B^T);  R_B = B * (A^T @ Nr)

@@ -1,6 +1,6 @@
 r"""Deep-Taylor softmax backward, row-wise in one kernel (op ``softmax_dt_backward``).
 
-For ``s = softmax(x / T)`` over ``dim`` (SPEC.md; AttnLRP Prop. 3.1), per row:
+For ``s = softmax(x / T)`` over ``dim`` (docs/math.md; AttnLRP Prop. 3.1), per row:
 
     relevance view:  R_x = (x / T) * (R_s - s * sum(R_s))
     gradient view:   G_x = s * (G_s - sum(s * G_s)) / T

@@ -8,7 +8,7 @@ their own rule (MoE experts and routers), modules whose parameters only enter as
 constants (ViT's CLS token and position embeddings), and set-up steps on the patched instance
 (Gemma's final logit soft-cap).
 
-Add a family: write ``models/<family>.py`` defining ``FAMILY = Family(...)`` and list it in
+Add a family: write ``lrp_kernels/hf/families/<family>.py`` defining ``FAMILY = Family(...)`` and list it in
 ``_FAMILY_MODULES`` below.
 """
 from __future__ import annotations
