@@ -24,8 +24,8 @@ def tiny_llama(seed=0):
     return LlamaForCausalLM(cfg).double().eval()
 
 
-def explain_checked(model, ids, mask, rtol=1e-3):
-    with lrp_kernels.patch(model):
+def explain_checked(model, ids, mask, rtol=1e-3, attention="auto"):
+    with lrp_kernels.patch(model, attention=attention):
         emb = model.get_input_embeddings()(ids).requires_grad_()
         with check.conservation(rtol=rtol, module=model) as report:
             logits = model(inputs_embeds=emb, attention_mask=mask).logits
@@ -33,20 +33,21 @@ def explain_checked(model, ids, mask, rtol=1e-3):
     return report
 
 
-@pytest.mark.parametrize("n_tokens", [7, 150], ids=["eager-attention", "fused-attention"])
-def test_patched_llama_records_every_rule(n_tokens):
+@pytest.mark.parametrize("attention,n_tokens,attention_ops", [
+    ("auto", 7, {"attention(attnlrp, platform)"}),  # SDPA with the rescalings, one rule
+    ("exact", 7, {"softmax", "matmul"}),              # eager composition of the drop-ins
+    ("exact", 150, {"attention(attnlrp)"}),           # the fused (chunked) block, one rule
+])
+def test_patched_llama_records_every_rule(attention, n_tokens, attention_ops):
     model = tiny_llama()
     ids = torch.randint(0, 40, (2, n_tokens), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[0, :3] = 0  # left padding: masked softmax entries and fully masked query rows
-    report = explain_checked(model, ids, mask)
+    report = explain_checked(model, ids, mask, attention=attention)
 
     ops = {r.op for r in report.records}
     assert {"linear_epsilon", "gated_product", "rms_norm_identity"} <= ops
-    if n_tokens * n_tokens > 128 * 128:
-        assert "attention(attnlrp)" in ops  # the fused block, recorded as one rule
-    else:
-        assert {"softmax", "matmul"} <= ops
+    assert attention_ops <= ops
     linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     assert linears <= {r.label for r in report.records if r.op == "linear_epsilon"}
     assert report.first_violation() is None, report.table()
@@ -82,12 +83,14 @@ def test_epsilon_module_counts_only_its_own_input_gradient():
             assert rec.conserved, report.table()
 
 
-def test_cp_lrp_attention_block_is_expected_to_conserve():
+@pytest.mark.parametrize("attention,op", [("platform", "attention(cp-lrp, platform)"),
+                                          ("exact", "attention(cp-lrp)")])
+def test_cp_lrp_attention_block_is_expected_to_conserve(attention, op):
     model = tiny_llama()
     ids = torch.randint(0, 40, (1, 140), generator=torch.Generator().manual_seed(4))
-    with lrp_kernels.patch(model, rules="cp-lrp"):
+    with lrp_kernels.patch(model, rules="cp-lrp", attention=attention):
         emb = model.get_input_embeddings()(ids).requires_grad_()
         with check.conservation() as report:
             model(inputs_embeds=emb).logits[0, -1].max().backward()
-    attn = [r for r in report.records if r.op == "attention(cp-lrp)"]
+    attn = [r for r in report.records if r.op == op]
     assert len(attn) == 2 and all(r.expected and r.conserved for r in attn), report.table()

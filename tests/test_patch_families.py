@@ -92,6 +92,6 @@ def test_chunked_attention_is_used(monkeypatch):
     original = attention.AttnLRPFn.apply
     monkeypatch.setattr(attention.AttnLRPFn, "apply", lambda *a: calls.append(1) or original(*a))
     model, kind = build("llama")
-    with lrp_kernels.patch(model):
+    with lrp_kernels.patch(model, attention="exact"):
         relevance(model, kind, make_inputs(model, kind, n=150))
     assert calls, "the fused (chunked) attention path was not taken for 150 tokens"

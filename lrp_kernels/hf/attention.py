@@ -8,6 +8,14 @@ Masks: the names are also registered in transformers' ``AttentionMaskInterface``
 mask builder, so masks arrive as bool ``[B, 1, N, M]`` (True = attend) or ``None`` when plain
 causality suffices (then ``is_causal`` is passed on, as transformers' SDPA path does).
 T5's relative position bias (``position_bias``) is an additive constant folded into the mask.
+
+Two paths (``patch(attention=...)``): ``"platform"`` runs transformers' own SDPA attention
+(forward values bit for bit those of an unpatched SDPA model; FlashAttention / memory-efficient
+/ cuDNN kernels on CUDA) with the rescalings of
+:func:`lrp_kernels.ops.attention.attnlrp_platform`; ``"exact"`` runs
+:func:`lrp_kernels.ops.attention.attnlrp_attention` (eager / chunked / flash-AttnLRP), the
+exact rule. ``"auto"`` (default) is the platform path except where it cannot serve the model
+(a soft-capped softmax).
 """
 from __future__ import annotations
 
@@ -57,8 +65,21 @@ def _make_adapter(rule: str):
     def lrp_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                       sliding_window=None, softcap=None, position_bias=None, is_causal=None, **kwargs):
         # dropout is ignored on purpose: attention dropout is neutralised while patched
-        from ..ops.attention import attnlrp_attention
+        from ..ops.attention import attnlrp_attention, attnlrp_platform
         handle = handle_for(module)
+        if handle.attention == "platform" and softcap is not None:
+            raise ValueError(f"attention='platform' cannot serve the soft-capped softmax of "
+                             f"{type(module).__name__} (softcap={softcap}): its identity rule on tanh is "
+                             f"not the platform kernel's backward; use attention='exact' or 'auto'")
+        if handle.attention != "exact" and softcap is None:
+            from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+            def platform(q, k, v):  # exactly what transformers' SDPA path computes
+                return sdpa_attention_forward(module, q, k, v, attention_mask, dropout=0.0, scaling=scaling,
+                                              is_causal=is_causal, position_bias=position_bias, **kwargs)[0]
+            out = attnlrp_platform(platform, query, key, value, epsilon=handle.epsilon, rule=rule,
+                                   backend=handle.backend)
+            return out, None
         # as transformers' SDPA path: causality from the flag only when no mask was built
         causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
         causal = bool(causal) and attention_mask is None and query.shape[2] > 1

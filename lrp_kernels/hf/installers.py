@@ -15,6 +15,9 @@ handle's options (``handle.epsilon``, ``handle.backend``); the dispatcher picks 
   forward is explained exactly as the linear map it computes
 * RMSNorm (``w`` or Gemma's ``1 + w``)  -> :func:`lrp_kernels.grad.rms_norm_identity`
 * ``nn.LayerNorm``                     -> :func:`lrp_kernels.grad.layer_norm` (std detached)
+
+Norms keep the module's own forward for their values (``forward_fn``): the patched forward
+computes exactly what the unpatched one does.
 * element-wise activations            -> :func:`lrp_kernels.grad.identity` (identity rule)
 * gated MLPs ``down(act(gate(x)) * up(x))`` -> :func:`lrp_kernels.ops.elementwise.gated_product`
 * dropout                             -> the identity function (no dropout while patched)
@@ -136,22 +139,27 @@ def install_rms_norm(handle, name: str, module: nn.Module, weight_offset: float 
     if isinstance(module, getattr(nn, "RMSNorm", ())) and module.eps is None:
         eps = None
 
-    def forward(x):
-        w = module.weight
-        if weight_offset:
-            w = w.float() + weight_offset
-        e = torch.finfo(x.dtype).eps if eps is None else eps
-        return grad.rms_norm_identity(x, w, e, backend=handle.backend)
-    handle.rebind(module, lambda orig: forward)
+    def make(orig):
+        def forward(x):
+            w = module.weight
+            if weight_offset:
+                w = w.float() + weight_offset
+            e = torch.finfo(x.dtype).eps if eps is None else eps
+            return grad.rms_norm_identity(x, w, e, backend=handle.backend, forward_fn=orig)
+        return forward
+    handle.rebind(module, make)
 
 
 def install_layer_norm(handle, name: str, module: nn.LayerNorm) -> None:
     if len(module.normalized_shape) != 1:
         raise NotImplementedError(f"{name}: LayerNorm over {module.normalized_shape} (only the last dim is supported)")
 
-    def forward(x):
-        return grad.layer_norm(x, module.weight, module.bias, module.eps, handle.epsilon, backend=handle.backend)
-    handle.rebind(module, lambda orig: forward)
+    def make(orig):
+        def forward(x):
+            return grad.layer_norm(x, module.weight, module.bias, module.eps, handle.epsilon,
+                                   backend=handle.backend, forward_fn=orig)
+        return forward
+    handle.rebind(module, make)
 
 
 def install_activation(handle, name: str, module: nn.Module) -> None:

@@ -17,9 +17,13 @@ registering two new attention *names* in transformers' AttentionInterface):
   accelerate keep their device hooks (the hook's ``_old_forward`` is rebound instead);
 * gives every module that holds a config a *copy* of it whose attention implementation is
   ``lrp_kernels_attnlrp`` (or ``lrp_kernels_cplrp``): the registered adapter
-  (:mod:`lrp_kernels.hf.attention`) calls :func:`lrp_kernels.ops.attention.attnlrp_attention`;
+  (:mod:`lrp_kernels.hf.attention`) runs the platform path
+  (:func:`lrp_kernels.ops.attention.attnlrp_platform` over transformers' SDPA attention) or the
+  exact rule (:func:`lrp_kernels.ops.attention.attnlrp_attention`), as ``attention=`` says;
   the copy also has ``use_cache=False`` (no KV cache while explaining);
 * freezes every parameter (``requires_grad=False``): parameters receive no gradient;
+* refuses to nest or overlap with another active patch (a submodule of a patched model, or a
+  model containing one);
 * on ``remove()``: every attribute it set is restored (the same config objects, forwards,
   ``requires_grad`` flags); module objects and ``state_dict`` are never touched.
 
@@ -30,15 +34,17 @@ keep their plain gradient).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
-from typing import Callable, Optional
+import weakref
+from typing import Callable, Iterator, Optional
 
 from torch import nn
 
 from .families import Family, family_for
 from . import installers
-from . import attention
+from . import attention as attention_adapter
 from ..backends import dispatch
 from ..ops._common import DEFAULT_EPSILON, check_epsilon
 
@@ -54,8 +60,8 @@ class PatchHandle:
     attention adapter read ``rules``, ``epsilon`` and ``backend`` from here. Also a context
     manager; ``remove()`` restores the model exactly."""
 
-    def __init__(self, model: nn.Module, rules: str, epsilon: float, backend: str) -> None:
-        self.model, self.rules, self.epsilon = model, rules, float(epsilon)
+    def __init__(self, model: nn.Module, rules: str, epsilon: float, backend: str, attention: str = "auto") -> None:
+        self.model, self.rules, self.epsilon, self.attention = model, rules, float(epsilon), attention
         self.backend: Optional[str] = None if backend == "auto" else backend  # passed to the ops
         self.backend_name = backend
         self.applied: dict[str, str] = {}  # module name -> rule installed
@@ -92,6 +98,23 @@ class PatchHandle:
         while self._undo:
             self._undo.pop()()
         self.active = False
+
+    @contextlib.contextmanager
+    def unpatched(self) -> Iterator[nn.Module]:
+        """The model exactly as without the patch inside the block, patched again after it."""
+        if not self.active:
+            yield self.model
+            return
+        self.remove()
+        try:
+            yield self.model
+        finally:
+            self.applied.clear()
+            self._reinstall()
+
+    def _deepcopy_unpatched(self, memo: dict) -> nn.Module:
+        with self.unpatched() as model:
+            return copy.deepcopy(model, memo)
 
     def __enter__(self) -> "PatchHandle":
         return self
@@ -160,8 +183,8 @@ def _swap_configs(handle: PatchHandle, model: nn.Module, attn_name: str) -> None
                 new.use_cache = False  # explaining needs no KV cache (a call may still pass use_cache=True)
             copies[id(config)] = new
         handle.set_attr(m, "config", copies[id(config)])
-        attention.bind(m, handle)
-        handle._undo.append(lambda m=m: attention.unbind(m))
+        attention_adapter.bind(m, handle)
+        handle._undo.append(lambda m=m: attention_adapter.unbind(m))
 
 
 def _freeze(handle: PatchHandle, model: nn.Module) -> None:
@@ -171,8 +194,59 @@ def _freeze(handle: PatchHandle, model: nn.Module) -> None:
             handle._undo.append(lambda p=p: p.requires_grad_(True))
 
 
+# module -> the active handle of the patch it belongs to: nested or overlapping patches are refused
+_CLAIMS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+ATTENTION_CHOICES = ("auto", "platform", "exact")
+
+
+def _claim(handle: PatchHandle, model: nn.Module) -> None:
+    for name, m in model.named_modules():
+        other = _CLAIMS.get(m)
+        if other is not None and other is not handle and other.active:
+            where = name or "the model"
+            raise RuntimeError(f"{where} ({type(m).__name__}) is already part of a patched model "
+                               f"({other!r}); remove() that patch first (patches may not nest or overlap)")
+    for m in model.modules():
+        _CLAIMS[m] = handle
+        handle._undo.append(lambda m=m: _CLAIMS.pop(m, None))
+
+
+def _install(handle: PatchHandle, plan: list, family: Optional[Family]) -> None:
+    """Everything the patch changes, each change logged for ``remove()``."""
+    model = handle.model
+    try:
+        _claim(handle, model)
+        _freeze(handle, model)
+        _swap_configs(handle, model, attention_adapter.ATTENTION_NAMES[handle.rules])
+        for name, module, rule_name, install in plan:
+            install(handle, name, module)
+            handle.applied[name] = rule_name
+        if family is not None and family.setup is not None:
+            family.setup(handle, model)
+        handle.set_attr(model, _MARK, handle)
+        # a patched model still copies and saves like an unpatched one (see PatchHandle.unpatched)
+        handle.set_attr(model, "__deepcopy__", handle._deepcopy_unpatched)
+        handle.set_attr(model, "__reduce_ex__", _refuse_pickle)
+        if callable(getattr(model, "save_pretrained", None)):
+            original_save = model.save_pretrained
+
+            def save_pretrained(*args, **kwargs):
+                with handle.unpatched():
+                    return original_save(*args, **kwargs)
+            handle.set_attr(model, "save_pretrained", save_pretrained)
+    except BaseException:
+        handle.remove()
+        raise
+    handle.active = True
+
+
+def _refuse_pickle(protocol=None):
+    raise TypeError("a patched model cannot be pickled (its forwards are rebound closures): call "
+                    "remove() on the lrp_kernels patch handle first, then pickle / torch.save it")
+
+
 def patch(model: nn.Module, rules: str = "attnlrp", epsilon: float = DEFAULT_EPSILON, backend: str = "auto",
-          strict: bool = True) -> PatchHandle:
+          strict: bool = True, attention: str = "auto") -> PatchHandle:
     """Patch one Hugging Face model instance with AttnLRP (``rules="attnlrp"``) or CP-LRP
     (``"cp-lrp"``: no relevance through the attention softmax) in the gradient view.
 
@@ -180,19 +254,35 @@ def patch(model: nn.Module, rules: str = "attnlrp", epsilon: float = DEFAULT_EPS
         model: a transformers ``PreTrainedModel`` of a registered family
             (:data:`lrp_kernels.hf.families.REGISTRY`).
         rules: ``"attnlrp"`` or ``"cp-lrp"``.
-        epsilon: the stabiliser of the epsilon / uniform rules (linear, matmul, identity).
+        epsilon: the stabiliser of the epsilon / uniform rules (linear, matmul, identity); a
+            finite number > 0.
         backend: ``"auto"``, ``"torch"``, ``"cpp"`` or ``"triton"`` for the rule kernels.
         strict: unknown parts raise :class:`UnsupportedModelError` (True) or warn (False).
+        attention: ``"auto"`` (default: the platform path wherever it can serve the model),
+            ``"platform"`` (transformers' own SDPA forward and backward with the AttnLRP
+            rescalings: the price of plain attention, forward values bit for bit the unpatched
+            SDPA model's; ``G_Q``, ``G_K`` deviate from the exact rule by ``eps / (|S0| + eps)``
+            per score, see :func:`lrp_kernels.ops.attention.attnlrp_platform`) or ``"exact"``
+            (:func:`lrp_kernels.ops.attention.attnlrp_attention`: the exact rule, chunked on CPU,
+            flash-AttnLRP on CUDA).
 
     Returns:
         a :class:`PatchHandle` (context manager; ``remove()`` restores the model exactly).
+
+    A patched model deep-copies into an *unpatched* copy (patch the copy to explain with it),
+    saves with ``save_pretrained`` exactly what the unpatched model saves, and refuses to be
+    pickled (``torch.save(model)``) with an error that says to ``remove()`` first.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if rules not in attention.ATTENTION_NAMES:
-        raise ValueError(f"rules must be one of {tuple(attention.ATTENTION_NAMES)}, got {rules!r}")
+    if rules not in attention_adapter.ATTENTION_NAMES:
+        raise ValueError(f"rules must be one of {tuple(attention_adapter.ATTENTION_NAMES)}, got {rules!r}")
     check_epsilon(epsilon)
+    if epsilon <= 0:
+        raise ValueError(f"epsilon must be > 0 (0 divides by zero where an output is 0), got {epsilon!r}")
     dispatch.check_backend(backend)
+    if attention not in ATTENTION_CHOICES:
+        raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {attention!r}")
     existing = vars(model).get(_MARK)
     if existing is not None and existing.active:
         raise RuntimeError("model is already patched; call remove() on its handle first")
@@ -204,27 +294,16 @@ def patch(model: nn.Module, rules: str = "attnlrp", epsilon: float = DEFAULT_EPS
         unknown.insert(0, f"model class {type(model).__name__} (model_type {model_type!r}): no family in "
                           "lrp_kernels.hf.families.REGISTRY")
     if unknown:
-        msg = "lrp_kernels.hf.patching has no rule for:\n  " + "\n  ".join(unknown)
+        msg = "lrp_kernels.patch has no rule for:\n  " + "\n  ".join(unknown)
         if strict:
             raise UnsupportedModelError(msg + "\n(pass strict=False to patch the rest and keep plain gradients there)")
         warnings.warn(msg + "\n(these keep their plain gradient)", stacklevel=2)
 
-    attention.register_attention()
-    handle = PatchHandle(model, rules, epsilon, backend)
+    attention_adapter.register_attention()
+    handle = PatchHandle(model, rules, epsilon, backend, attention)
     handle.unsupported = unknown
-    try:
-        _freeze(handle, model)
-        _swap_configs(handle, model, attention.ATTENTION_NAMES[rules])
-        for name, module, rule_name, install in plan:
-            install(handle, name, module)
-            handle.applied[name] = rule_name
-        if family is not None and family.setup is not None:
-            family.setup(handle, model)
-        handle.set_attr(model, _MARK, handle)
-    except BaseException:
-        handle.remove()
-        raise
-    handle.active = True
+    handle._reinstall = lambda: _install(handle, plan, family)
+    handle._reinstall()
     return handle
 
 

@@ -196,27 +196,30 @@ def record(op_name: str, inputs: _Tensors, input_grads: _Tensors, outputs: _Tens
     return rec.add(op_name, inputs, input_grads, outputs, output_grads, relevance_view, expected)
 
 
-def record_module(op: str, fn, x: torch.Tensor, expected) -> torch.Tensor:
-    """``fn(x)``; while a check records, also one record of the rule that ``fn`` applies, from the
-    gradients its output receives and its *own* input receives (through a fresh view of ``x``,
-    so gradients reaching ``x`` from other consumers are not counted). Gradient view."""
+def record_module(op: str, fn, inputs: Sequence[torch.Tensor], expected) -> torch.Tensor:
+    """``fn(*inputs)``; while a check records, also one record of the rule that ``fn`` applies,
+    from the gradient its output receives and the gradients its *own* inputs receive (through
+    fresh views, so gradients reaching an input from other consumers are not counted).
+    Gradient view. ``fn`` must return one tensor."""
     rec = _RECORDER
-    if rec is None or not x.requires_grad:
-        return fn(x)
-    own = x.view_as(x)
-    y = fn(own)
-    token = rec.on_forward(op, (x,), y)
+    if rec is None or not any(x.requires_grad for x in inputs):
+        return fn(*inputs)
+    own = tuple(x.view_as(x) if x.requires_grad else x for x in inputs)
+    y = fn(*own)
+    token = rec.on_forward(op, tuple(inputs), y)
     seen = {}
 
     def on_output(grad):
         seen["g"] = grad
 
-    def on_input(grad):
+    def on_inputs(grads):  # once per backward, None for inputs that got no gradient
         if "g" in seen and _RECORDER is rec:
-            rec.on_backward(token, (grad,), seen.pop("g"), False, expected)
+            it = iter(grads)
+            full = tuple(next(it) if x.requires_grad else None for x in own)
+            rec.on_backward(token, full, seen.pop("g"), False, expected)
 
     y.register_hook(on_output)
-    own.register_hook(on_input)
+    torch.autograd.graph.register_multi_grad_hook([x for x in own if x.requires_grad], on_inputs)
     return y
 
 

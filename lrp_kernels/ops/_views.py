@@ -53,14 +53,18 @@ def build(relevance_view: bool) -> dict:
         return _sm.softmax(x, dim, dtype, temperature, relevance=relevance_view, backend=backend)
 
     def rms_norm_identity(x: torch.Tensor, weight: Optional[torch.Tensor] = None, eps: float = 1e-6, *,
-                          backend: Optional[str] = None) -> torch.Tensor:
-        """RMSNorm; backward identity ``R_x = R_y``."""
-        return _norm.rms_norm_identity(x, weight, eps, relevance=relevance_view, backend=backend)
+                          backend: Optional[str] = None,
+                          forward_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+        """RMSNorm; backward identity ``R_x = R_y`` (``forward_fn``: a module's own forward gives the values)."""
+        return _norm.rms_norm_identity(x, weight, eps, relevance=relevance_view, backend=backend,
+                                       forward_fn=forward_fn)
 
     def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
-                   eps: float = 1e-5, epsilon: float = DEFAULT_EPSILON, *, backend: Optional[str] = None) -> torch.Tensor:
+                   eps: float = 1e-5, epsilon: float = DEFAULT_EPSILON, *, backend: Optional[str] = None,
+                   forward_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
         """LayerNorm; backward: epsilon on the centring and the bias, identity on the scaling."""
-        return _norm.layer_norm(x, weight, bias, eps, epsilon, relevance=relevance_view, backend=backend)
+        return _norm.layer_norm(x, weight, bias, eps, epsilon, relevance=relevance_view, backend=backend,
+                                forward_fn=forward_fn)
 
     def mean(x: torch.Tensor, dim=None, keepdim: bool = False, epsilon: float = DEFAULT_EPSILON, *,
              backend: Optional[str] = None) -> torch.Tensor:

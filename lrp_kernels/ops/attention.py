@@ -48,13 +48,14 @@ paths apply the identity rule's ``x / stab(x)`` (a relative difference of about 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from ..backends import dispatch
 from ._common import (DEFAULT_EPSILON, check_epsilon, check_float, check_same_device, compute_dtype,
-                      pin_backend, record_backward, record_forward, stabilize)
+                      pin_backend, record_backward, record_forward, record_module, stabilize)
+from .linear_epsilon import EpsilonOutputFn
 
 RULES = ("attnlrp", "cp-lrp")
 IMPLS = ("auto", "eager", "chunked", "flash")
@@ -470,3 +471,53 @@ def attnlrp_attention(
             "attnlrp_attention_forward", query, key, value, spec, block_size, backend=backend) == "torch"):
         return _eager(query, key, value, spec, relevance)  # one small matrix beats the blocks
     return AttnLRPFn.apply(query, key, value, spec, relevance, backend, block_size)
+
+
+# ---- the platform path: the platform's own attention forward and backward, rescaled ----------
+
+class _GradScaleFn(torch.autograd.Function):
+    """Forward: ``x`` unchanged. Backward: the gradient times a constant."""
+
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+def attnlrp_platform(attention_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
+                     epsilon: float = DEFAULT_EPSILON, rule: str = "attnlrp",
+                     backend: Optional[str] = None) -> torch.Tensor:
+    """``attention_fn(query, key, value)`` (any softmax attention with a plain autograd backward:
+    ``F.scaled_dot_product_attention`` / FlashAttention / cuDNN / eager) with the AttnLRP or CP-LRP
+    rule in the gradient view, at the price of the platform kernel's own forward and backward.
+
+    The exact rule (module docstring) is the standard attention backward fed
+    ``H = G_O * O / (share * stab(O))``, except that AttnLRP scales ``G_Q`` and ``G_K`` by
+    ``|S0| / (2 (|S0| + eps))`` per score where the standard backward gives ``1``: here they
+    are halved, i.e. the factor ``|S0| / (|S0| + eps)`` is taken as 1. ``G_V`` is exact.
+    The relative deviation per score is ``eps / (|S0| + eps)``: below 1e-4 for scores
+    ``|S0| >= 0.01`` at ``eps = 1e-6`` (trained models), larger for the tiny scores of randomly
+    initialised ones; ``impl="chunked"`` / ``"flash"`` (:func:`attnlrp_attention`) is exact.
+    CP-LRP (``P`` constant) is exact here: ``G_Q = G_K = 0``, ``H = G_O * O / stab(O)``.
+    Not for a soft-capped softmax (its identity rule on ``tanh`` is not the plain backward).
+    The forward values are ``attention_fn``'s own, bit for bit.
+    """
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    check_epsilon(epsilon)
+    backend = pin_backend(backend)
+    attn = rule == "attnlrp"
+
+    def rescaled(q, k, v):
+        if attn:
+            q, k = _GradScaleFn.apply(q, 0.5), _GradScaleFn.apply(k, 0.5)
+        else:
+            q, k = q.detach(), k.detach()
+        return EpsilonOutputFn.apply(attention_fn(q, k, v), epsilon, backend, 2.0 if attn else 1.0)
+
+    return record_module(f"attention({rule}, platform)", rescaled, (query, key, value), expected=not attn)

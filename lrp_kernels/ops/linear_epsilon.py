@@ -149,28 +149,31 @@ def linear_epsilon_backward(grad_z: torch.Tensor, x: torch.Tensor, weight: torch
 
 # ---- any linear-acting module: the module's own backward after the output scaling ----------
 
-def epsilon_output_backward_torch(grad_y: torch.Tensor, y: torch.Tensor, epsilon: float) -> torch.Tensor:
-    """``G_y * y / stab(y)`` in ``grad_y``'s dtype."""
-    return epsilon_scale(grad_y, y, epsilon, relevance=False).to(grad_y.dtype)
+def epsilon_output_backward_torch(grad_y: torch.Tensor, y: torch.Tensor, epsilon: float,
+                                  share: float = 1.0) -> torch.Tensor:
+    """``G_y * y / (share * stab(y))`` in ``grad_y``'s dtype."""
+    return epsilon_scale(grad_y, y, epsilon, relevance=False, share=share).to(grad_y.dtype)
 
 
 dispatch.register("epsilon_output_backward", "torch", epsilon_output_backward_torch)
 
 
 class EpsilonOutputFn(torch.autograd.Function):
-    """Forward: ``y`` unchanged. Backward: ``G_y * y / stab(y)``, so that the producing module's
-    own plain backward completes the epsilon rule (gradient view)."""
+    """Forward: ``y`` unchanged. Backward: ``G_y * y / (share * stab(y))``, so that the producing
+    module's own plain backward completes the epsilon rule (gradient view; ``share = 2`` for the
+    uniform-epsilon rule of a product of two inputs)."""
 
     @staticmethod
-    def forward(ctx, y, epsilon, backend):
-        ctx.epsilon, ctx.backend = epsilon, backend
+    def forward(ctx, y, epsilon, backend, share=1.0):
+        ctx.epsilon, ctx.backend, ctx.share = epsilon, backend, share
         ctx.save_for_backward(y)
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx, grad_y):
         (y,) = ctx.saved_tensors
-        return dispatch.call("epsilon_output_backward", grad_y, y, ctx.epsilon, backend=ctx.backend), None, None
+        g = dispatch.call("epsilon_output_backward", grad_y, y, ctx.epsilon, ctx.share, backend=ctx.backend)
+        return g, None, None, None
 
 
 def epsilon_module(fn, x: torch.Tensor, epsilon: float = DEFAULT_EPSILON, *, backend: Optional[str] = None,
@@ -181,5 +184,5 @@ def epsilon_module(fn, x: torch.Tensor, epsilon: float = DEFAULT_EPSILON, *, bac
     the conservation check does not expect conservation)."""
     check_epsilon(epsilon)
     backend = pin_backend(backend)
-    return record_module(name, lambda t: EpsilonOutputFn.apply(fn(t), epsilon, backend), x,
+    return record_module(name, lambda t: EpsilonOutputFn.apply(fn(t), epsilon, backend), (x,),
                          expected=not has_bias)

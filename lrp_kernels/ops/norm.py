@@ -24,7 +24,7 @@ Statistics are computed in float32 (or float64 for float64 input).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -105,9 +105,11 @@ def _check_norm(x, weight, bias, eps, name="weight"):
 
 class RMSNormIdentityFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps, relevance, backend):
+    def forward(ctx, x, weight, eps, relevance, backend, forward_fn):
         y, rstd = dispatch.call("rms_norm_forward", x, weight, eps, backend=backend)
-        ctx.relevance, ctx.backend = relevance, backend
+        if forward_fn is not None:  # the values of the module's own forward, bit for bit
+            y = forward_fn(x)
+        ctx.relevance, ctx.backend, ctx.x_dtype = relevance, backend, x.dtype
         ctx.save_for_backward(weight, rstd)
         record_forward(ctx, "rms_norm_identity", (x,), y)
         return y
@@ -120,20 +122,28 @@ class RMSNormIdentityFn(torch.autograd.Function):
             weight, rstd = ctx.saved_tensors
             gx = dispatch.call("rms_norm_backward", grad_y, weight, rstd, backend=ctx.backend)
         record_backward(ctx, (gx,), grad_y, ctx.relevance, True)
-        return gx, None, None, None, None
+        return gx.to(ctx.x_dtype), None, None, None, None, None
 
 
 def rms_norm_identity(x: torch.Tensor, weight: Optional[torch.Tensor] = None, eps: float = 1e-6, *,
-                      relevance: bool = True, backend: Optional[str] = None) -> torch.Tensor:
-    """RMSNorm over the last dim with the identity rule."""
+                      relevance: bool = True, backend: Optional[str] = None,
+                      forward_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+    """RMSNorm over the last dim with the identity rule.
+
+    ``forward_fn``: the module's own forward, whose values are returned unchanged (a patched
+    model then computes exactly what the unpatched one does, in every dtype); the rule uses the
+    statistics of ``x`` computed here.
+    """
     _check_norm(x, weight, None, eps)
-    return RMSNormIdentityFn.apply(x, weight, eps, relevance, pin_backend(backend))
+    return RMSNormIdentityFn.apply(x, weight, eps, relevance, pin_backend(backend), forward_fn)
 
 
 class LayerNormFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, epsilon, relevance, backend):
+    def forward(ctx, x, weight, bias, eps, epsilon, relevance, backend, forward_fn):
         y, mu, rstd = dispatch.call("layer_norm_forward", x, weight, bias, eps, backend=backend)
+        if forward_fn is not None:  # the values of the module's own forward, bit for bit
+            y = forward_fn(x)
         ctx.epsilon, ctx.relevance, ctx.backend = epsilon, relevance, backend
         ctx.save_for_backward(x, weight, bias, mu, rstd)
         record_forward(ctx, "layer_norm", (x,), y)
@@ -146,17 +156,19 @@ class LayerNormFn(torch.autograd.Function):
                            ctx.relevance, backend=ctx.backend)
         # epsilon on "+ b": the bias absorbs its share, conservative only without one
         record_backward(ctx, (gx,), grad_y, ctx.relevance, lambda: is_zero(bias))
-        return gx, None, None, None, None, None, None
+        return gx.to(x.dtype), None, None, None, None, None, None, None
 
 
 def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
                eps: float = 1e-5, epsilon: float = DEFAULT_EPSILON, *, relevance: bool = True,
-               backend: Optional[str] = None) -> torch.Tensor:
-    """LayerNorm over the last dim with the mixture rule of docs/math.md (``epsilon`` stabilises the rule,
-    ``eps`` is the norm's own variance epsilon)."""
+               backend: Optional[str] = None,
+               forward_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+    """LayerNorm over the last dim with the mixture rule of docs/math.md (``epsilon`` stabilises
+    the rule, ``eps`` is the norm's own variance epsilon). ``forward_fn``: as for
+    :func:`rms_norm_identity`, the module's own forward supplies the values."""
     _check_norm(x, weight, bias, eps)
     check_epsilon(epsilon)
-    return LayerNormFn.apply(x, weight, bias, eps, epsilon, relevance, pin_backend(backend))
+    return LayerNormFn.apply(x, weight, bias, eps, epsilon, relevance, pin_backend(backend), forward_fn)
 
 
 class NormalizeFn(torch.autograd.Function):

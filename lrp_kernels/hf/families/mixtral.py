@@ -11,24 +11,29 @@ Inside each expert: epsilon on both projections, identity on the activation, uni
 import torch
 
 from ...ops import grad
+from ...ops.elementwise import gated_product
 from . import Family
 from ..installers import install_gated_mlp, install_stop_input
 
 
 def install_experts(handle, name, module) -> None:
+    """The experts' own op sequence (tokens in transformers' order: by top-k slot, then token, so
+    the sums round alike and the forward is bit-identical), with the rules of the module docstring."""
+    act = module.act_fn.forward  # the activation's own forward (its identity rule is in gated_product)
+
     def forward(hidden_states, top_k_index, top_k_weights):
         out = torch.zeros_like(hidden_states)
         weights = top_k_weights.detach()  # routing weights are constants (see module docstring)
         for e in range(module.num_experts):
-            token, slot = torch.where(top_k_index == e)
+            slot, token = torch.where((top_k_index == e).T)
             if token.numel() == 0:
                 continue
             x = hidden_states[token]
             gate, up = grad.linear_epsilon(x, module.gate_up_proj[e], None, handle.epsilon,
                                            backend=handle.backend).chunk(2, dim=-1)
-            h = grad.mul2(module.act_fn(gate), up, backend=handle.backend)
+            h = gated_product(gate, up, act, handle.epsilon, backend=handle.backend)
             y = grad.linear_epsilon(h, module.down_proj[e], None, handle.epsilon, backend=handle.backend)
-            y = y * weights[token, slot, None].to(y.dtype)
+            y = y * weights[token, slot, None]
             out = out.index_add(0, token, y.to(out.dtype))
         return out
     handle.rebind(module, lambda orig: forward)

@@ -1,0 +1,138 @@
+"""A patched model behaves like the model: the same forward bit for bit, copies, saves, pickling
+refused clearly, no nesting, options validated. (Relevance values: test_patch_families.py.)"""
+from __future__ import annotations
+
+import copy
+import io
+import json
+import math
+import pickle
+
+import pytest
+import torch
+
+import lrp_kernels
+from helpers.models import FAMILIES, build, make_inputs, relevance
+
+# gemma2: a soft-capped eager softmax, which the platform path cannot serve (exact path instead)
+BIT_IDENTICAL = [f for f in FAMILIES if f != "gemma2"]
+
+
+def _logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("family", BIT_IDENTICAL)
+def test_patched_forward_is_bit_identical(family, dtype):
+    model, kind = build(family)
+    model = model.to(dtype)
+    inputs = make_inputs(model, kind, n=9)
+    before = _logits(model, inputs)
+    with lrp_kernels.patch(model):
+        during = _logits(model, inputs)
+    assert torch.equal(during, before), (during.float() - before.float()).abs().max()
+
+
+def test_soft_capped_attention_cannot_take_the_platform_path():
+    model, kind = build("gemma2")
+    with lrp_kernels.patch(model, attention="platform"), pytest.raises(ValueError, match="softcap"):
+        _logits(model, make_inputs(model, kind))
+    with lrp_kernels.patch(model):  # auto: the exact path serves it
+        assert torch.isfinite(_logits(model, make_inputs(model, kind))[1]).all()
+
+
+def test_deepcopy_gives_an_independent_unpatched_copy():
+    model, kind = build("llama")
+    inputs = make_inputs(model, kind)
+    plain, _ = relevance(copy.deepcopy(model), kind, inputs)  # plain gradient x input
+    with lrp_kernels.patch(model) as handle:
+        explained, _ = relevance(model, kind, inputs)
+        twin = copy.deepcopy(model)
+        assert handle.active and vars(model)["_lrp_kernels_patch"] is handle
+        # the original is still patched: same relevance as before the copy
+        again, _ = relevance(model, kind, inputs)
+        assert torch.equal(again["inputs_embeds"], explained["inputs_embeds"])
+    # the copy is unpatched (plain gradient), independent (own weights), and patchable
+    assert "_lrp_kernels_patch" not in vars(twin)
+    assert all(p.requires_grad for p in twin.parameters())
+    got, _ = relevance(twin, kind, inputs)
+    assert torch.equal(got["inputs_embeds"], plain["inputs_embeds"])
+    with torch.no_grad():
+        twin.lm_head.weight.mul_(2.0)
+    assert not torch.equal(twin.lm_head.weight, model.lm_head.weight)
+    with lrp_kernels.patch(twin):
+        relevance(twin, kind, inputs)
+
+
+def test_pickling_a_patched_model_is_refused_clearly():
+    model, _ = build("llama")
+    with lrp_kernels.patch(model):
+        for save in (lambda: pickle.dumps(model), lambda: torch.save(model, io.BytesIO())):
+            with pytest.raises(TypeError, match="remove"):
+                save()
+    torch.save(model, io.BytesIO())  # unpatched again: works
+
+
+def test_save_pretrained_while_patched_saves_what_an_unpatched_save_would(tmp_path):
+    model, _ = build("llama")
+    model.save_pretrained(tmp_path / "plain")
+    with lrp_kernels.patch(model) as handle:
+        model.save_pretrained(tmp_path / "patched")
+        assert handle.active and model.config.use_cache is False  # still patched afterwards
+    plain = json.loads((tmp_path / "plain" / "config.json").read_text())
+    patched = json.loads((tmp_path / "patched" / "config.json").read_text())
+    assert patched == plain
+    a = (tmp_path / "plain" / "model.safetensors").read_bytes()
+    assert (tmp_path / "patched" / "model.safetensors").read_bytes() == a
+
+
+@pytest.mark.parametrize("order", ["inner-first", "outer-first"])
+def test_nested_and_overlapping_patches_are_refused_without_residue(order):
+    model, kind = build("llama")
+    inputs = make_inputs(model, kind)
+    before = {n: m.__dict__.get("forward") for n, m in model.named_modules()}
+    outer = lrp_kernels.patch(model)
+    with pytest.raises(RuntimeError, match="already part of a patched model"):
+        lrp_kernels.patch(model.model.layers[0].mlp, strict=False)
+    outer.remove()
+    inner = lrp_kernels.patch(model.model.layers[0].mlp, strict=False)
+    with pytest.raises(RuntimeError, match="already part of a patched model"):
+        lrp_kernels.patch(model)
+    handles = [inner, outer] if order == "inner-first" else [outer, inner]
+    for h in handles:
+        h.remove()
+    after = {n: m.__dict__.get("forward") for n, m in model.named_modules()}
+    assert after == before
+    assert all(p.requires_grad for p in model.parameters())
+    _logits(model, inputs)
+
+
+@pytest.mark.parametrize("epsilon", [float("nan"), float("inf"), -1e-6, 0.0, True, "1e-6"])
+def test_bad_epsilon_is_refused(epsilon):
+    model, _ = build("llama")
+    with pytest.raises(ValueError, match="epsilon"):
+        lrp_kernels.patch(model, epsilon=epsilon)
+    assert "_lrp_kernels_patch" not in vars(model)
+
+
+def test_bad_attention_and_backend_choices_name_the_argument():
+    model, _ = build("llama")
+    with pytest.raises(ValueError, match="attention"):
+        lrp_kernels.patch(model, attention="fastest")
+    with pytest.raises(ValueError, match="backend"):
+        lrp_kernels.patch(model, backend="gpu")
+
+
+def test_platform_and_exact_attention_agree_within_the_documented_bound():
+    """Deviation per score eps / (|S0| + eps): tiny with eps = 1e-9 on these random scores."""
+    model, kind = build("llama")
+    inputs = make_inputs(model, kind, n=12)
+    rel = {}
+    for attention in ("platform", "exact"):
+        with lrp_kernels.patch(model, epsilon=1e-9, attention=attention):
+            rel[attention], _ = relevance(model, kind, inputs)
+    a, b = rel["platform"]["inputs_embeds"], rel["exact"]["inputs_embeds"]
+    assert math.isfinite(a.sum().item())
+    assert ((a - b).norm() / b.norm()).item() < 1e-6
