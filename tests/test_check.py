@@ -13,7 +13,7 @@ import lrp_kernels.grad as G
 from lrp_kernels import check
 from lrp_kernels import modules as M
 from lrp_kernels.ops import _common
-from test_functional import gen_for, rand
+from helpers.cases import gen_for, rand
 
 EPS0 = 1e-12  # "eps -> 0"
 

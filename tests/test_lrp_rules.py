@@ -4,7 +4,8 @@ The reference never calls the rules: a Linear layer is its weight matrix ``W``; 
 is unfolded here into its Toeplitz matrix ``M`` (one row per output element, one column per
 input element) by index arithmetic from the kernel, stride, padding, dilation and groups, and
 checked against ``F.conv`` first. Each rule is then the explicit formula on
-``Z_kj = M_kj x_j`` (see the table in lrp_kernels/lrp_rules.py).
+``Z_kj = M_kj x_j`` (see the table in lrp_kernels/hooks/rules.py). The ``linear_gamma_backward``
+op behind ``Gamma`` on ``nn.Linear`` is checked per backend in tests/ops/test_linear_gamma.py.
 """
 import itertools
 
@@ -379,70 +380,6 @@ def test_gamma_linear_kernel_op_matches_generic_basic_hook(relevance, zero_param
     generic, _ = run_rule(R.Gamma(0.3, lambda z: stabilize(z, 1e-4), zero_params=zero_params, relevance=relevance),
                           layer, x, lambda y: r_out, relevance)
     assert torch.allclose(fused, generic, rtol=1e-10, atol=1e-12)
-
-
-# ----------------------------------------------------------------------------- linear_gamma_backward backends
-
-def _gamma_case(seed, shape=(2, 19, 45), n_out=29, bias=True, zeros=True, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*shape, generator=g).to(dtype)
-    if zeros:
-        x.view(-1, shape[-1])[0, :5] = 0.0
-    W = torch.randn(n_out, shape[-1], generator=g).to(dtype)
-    b = torch.randn(n_out, generator=g).to(dtype) if bias else None
-    grad = torch.randn(*shape[:-1], n_out, generator=g).to(dtype)
-    return grad, x, W, b
-
-
-@pytest.mark.parametrize("relevance", [True, False])
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("with_z", [False, True])
-def test_linear_gamma_triton_matches_torch_and_float64(relevance, bias, with_z):
-    """Odd sizes (not multiples of the tile), a non-contiguous x, exact zeros, both views."""
-    from lrp_kernels.backends import dispatch
-    from lrp_kernels.ops.linear_gamma import linear_gamma_backward_torch
-    if not dispatch.backend_status("triton")[0]:
-        pytest.skip("triton backend unavailable")
-    dev = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the Triton interpreter
-    grad, x, W, b = (None if t is None else t.to(dev) for t in _gamma_case(11, bias=bias))
-    x = x.transpose(0, 1).contiguous().transpose(0, 1)  # same values, non-contiguous
-    z = torch.nn.functional.linear(x, W, None if b is None else b * 0.5) if with_z else None
-    args = (0.3, 1e-6, relevance)
-    got = dispatch.call("linear_gamma_backward", grad, x, W, b, z, *args, backend="triton")
-    chosen, _ = dispatch.resolve("linear_gamma_backward", grad, x, W, b, z, *args, backend="triton")
-    assert chosen == "triton"  # the kernel ran, not a silent torch fallback
-    ref64 = linear_gamma_backward_torch(grad.double(), x.double(), W.double(),
-                                        None if b is None else b.double(), None if z is None else z.double(), *args)
-    ref32 = linear_gamma_backward_torch(grad, x, W, b, z, *args)
-    assert got.dtype == x.dtype and got.shape == x.shape and torch.isfinite(got).all()
-    assert ((got.double() - ref64).norm() / ref64.norm()).item() < 1e-5
-    assert ((ref32.double() - ref64).norm() / ref64.norm()).item() < 1e-5
-
-
-def test_linear_gamma_torch_op_matches_explicit_formula():
-    """The op vs the per-output formula of the module docstring of lrp_rules (float64)."""
-    from lrp_kernels.ops.linear_gamma import linear_gamma_backward_torch
-    grad, x, W, b = _gamma_case(12, shape=(5, 6), n_out=4, dtype=f64)
-    got = linear_gamma_backward_torch(grad, x, W, b, None, 0.7, EPS, True)
-    for n in range(5):
-        ref = ref_rule("gamma", x[n], W, torch.ones_like(W), b, grad[n], EPS, gamma=0.7)
-        assert torch.allclose(got[n], ref, rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("relevance", [True, False])
-def test_linear_gamma_triton_on_cuda(dtype, tol, relevance):
-    """fp32: IEEE dots, 1e-5 norm-wise; bf16: TF32 dots on fp32-converted operands and a bf16
-    result, 2e-2 norm-wise, against float64 on the same (rounded) inputs."""
-    from lrp_kernels.backends import dispatch
-    from lrp_kernels.ops.linear_gamma import linear_gamma_backward_torch
-    grad, x, W, b = (t.cuda() for t in _gamma_case(13, shape=(3, 67, 200), n_out=130, dtype=dtype))
-    got = dispatch.call("linear_gamma_backward", grad, x, W, b, None, 0.25, 1e-6, relevance, backend="triton")
-    ref = linear_gamma_backward_torch(grad.double(), x.double(), W.double(), b.double(), None, 0.25, 1e-6, relevance)
-    assert got.dtype == dtype and torch.isfinite(got).all()
-    assert ((got.double() - ref).norm() / ref.norm()).item() < tol
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv2d"])

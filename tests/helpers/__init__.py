@@ -1,7 +1,12 @@
 """Shared test helpers (no tests here). ``tests/conftest.py`` puts ``tests/`` on ``sys.path``,
-so test modules import them as ``from helpers import oracle`` or ``from helpers.models import build``.
+so test modules import them as ``from helpers import oracle`` or ``from helpers.cases import CASES``.
 
 * :mod:`helpers.oracle`: the independent float64 evaluation of SPEC.md (never calls lrp_kernels);
+* :mod:`helpers.cases`: the per-op case table (inputs, plain op, oracle per view) and the checks
+  that every op file of ``tests/ops/`` runs on its cases, in every view and backend;
+* :mod:`helpers.kernels`: inputs and forced calls of the backend-kernel tests (dyadic inputs,
+  the Triton backend);
+* :mod:`helpers.cpp`: inputs, tolerances and comparisons of the C++ norm backend tests;
 * :mod:`helpers.models`: tiny Hugging Face models of every patched family and a plain-torch
   reference of the AttnLRP rules;
 * :mod:`helpers.reference_llama`: an explicit relevance-view Llama forward.

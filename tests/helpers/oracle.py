@@ -381,3 +381,40 @@ def attention_R(Q, K, V, R_O, scale, eps, allowed=None, cp=False):
     RS = softmax_R(S, RP, dim=-1)
     RQ, RKt = matmul_R(Q, Kr.transpose(-1, -2), RS, eps)
     return O, RQ, _group_sum(RKt.transpose(-1, -2), G), _group_sum(RVr, G)
+
+
+# ---- gamma rule for a linear layer (explicit per-output contributions) -----------------------------
+
+def _gamma_parts(x, W, b, gamma):
+    """Z[..., n, k] = W_nk x_k; the rule's output sign (z = sum_k Z + b >= 0) picks which
+    contributions gamma enlarges: Z + gamma Z^+ (and b + gamma b^+) for z >= 0, else the negatives."""
+    x, W = d(x), d(W)
+    Z = torch.einsum("...k,nk->...nk", x, W)
+    b = torch.zeros(W.shape[0], dtype=f64) if b is None else d(b)
+    up = (Z.sum(-1) + b) >= 0
+    Q = torch.where(up[..., None], Z + gamma * Z.clamp(min=0), Z + gamma * Z.clamp(max=0))
+    den = Q.sum(-1) + torch.where(up, b + gamma * b.clamp(min=0), b + gamma * b.clamp(max=0))
+    return x, W, b, up, Q, den
+
+
+def linear_gamma_R(x, W, b, R_z, gamma, eps):
+    """R_x[..., k] = sum_n Q_nk R_z_n / stab(den_n) (b: the rule's bias, None if zeroed)."""
+    _, _, _, _, Q, den = _gamma_parts(x, W, b, gamma)
+    return torch.einsum("...nk,...n->...k", Q, d(R_z) / stab(den, eps))
+
+
+def linear_gamma_G(x, W, b, G_z, gamma, eps, z=None):
+    """Gradient view: R_z = G_z * z (z: the layer's actual output, x W^T + b unless given) and
+    G_x[..., k] = sum_n dQ_nk/dx_k R_z_n / stab(den_n) with the ratios held constant. With
+    Z_nk = x_k W_nk: dQ_nk/dx_k = W_nk + gamma W_nk^+ where x_k and z_n have the same sign
+    (x_k > 0 and z_n >= 0, or x_k < 0 and z_n < 0), else W_nk + gamma W_nk^-; at x_k = 0 the two
+    one-sided derivatives are summed (the convention of the generic BasicHook)."""
+    x, W, bb, up, _, den = _gamma_parts(x, W, b, gamma)
+    z = (torch.einsum("...k,nk->...n", x, W) + bb) if z is None else d(z)
+    h = d(G_z) * z / stab(den, eps)                                    # [..., n]
+    Wp, Wn = W + gamma * W.clamp(min=0), W + gamma * W.clamp(max=0)  # [n, k]
+    same = torch.where(up[..., None], Wp, Wn)   # derivative for x_k > 0
+    other = torch.where(up[..., None], Wn, Wp)  # derivative for x_k < 0
+    pos = torch.einsum("...nk,...n->...k", same, h)
+    neg = torch.einsum("...nk,...n->...k", other, h)
+    return torch.where(x > 0, pos, torch.where(x < 0, neg, pos + neg))

@@ -1,10 +1,7 @@
-"""Gradient view (lrp_kernels.grad) against the float64 oracle, and relevance view == gradient
-view (``R_t == t * t.grad`` with the backward started from ones) on small stacked networks.
-
-Tolerances as in tests/test_functional.py: float64 1e-10, float32 1e-5, bfloat16 2e-2 (relative,
-norm-wise; bf16 against the oracle on the bf16-rounded inputs). In the gradient view the
-upstream gradient is an arbitrary random ``G`` in every dtype (the rules multiply by
-``z / stab(z)``, which is well-conditioned).
+"""Stacked drop-ins (an MLP block and an attention block): the relevance view
+(lrp_kernels.functional) equals the gradient view (lrp_kernels.grad, ``R_t == t * t.grad`` with
+the backward started from ones), and on CUDA both equal a float64 relevance-view run. Each op
+on its own is checked against the float64 oracle in its file of tests/ops/.
 """
 from __future__ import annotations
 
@@ -14,50 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as tF
 
-import lrp_kernels
 import lrp_kernels.functional as F
 import lrp_kernels.grad as G
-from test_functional import BACKENDS, CASES, DTYPES, LAYOUTS, TOL, gen_for, rand, rel_err, run_case
 
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("name", list(CASES))
-def test_gradient_view_matches_oracle(name, dtype, layout, backend):
-    with lrp_kernels.use_backend(backend):
-        case, out, grads, start = run_case(name, dtype, layout, "G")
-    want = case.oracle_G(case.inputs, start)
-    for i, (g, w) in enumerate(zip(grads, want)):
-        if w is None:
-            assert g is None, f"input {i} is a constant and must get no gradient"
-            continue
-        assert g is not None and g.dtype == case.inputs[i].dtype and g.shape == case.inputs[i].shape
-        err = rel_err(g, w)
-        tol = max(TOL[dtype], TOL[out.dtype])
-        assert err <= tol, f"{name} {dtype} {layout} input {i}: rel err {err:.3g} > {tol}"
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("name", list(CASES))
-def test_single_op_views_agree(name, dtype):
-    """Per op: R-view relevance with R_out = out * G equals x * (G-view grad with G).
-
-    The views agree up to rounding and O(eps / |x|) terms (identity, LayerNorm centring), so
-    the rule epsilon is taken ~0 here."""
-    gen = gen_for("agree", name, str(dtype))
-    case_r = CASES[name](gen, dtype, "sliced", eps=1e-10)
-    inputs_g = [t.detach().clone().requires_grad_(t.requires_grad) for t in case_r.inputs]
-    out_r = case_r.run(F, *case_r.inputs)
-    out_g = case_r.run(G, *inputs_g)
-    g = torch.randn(out_r.shape, generator=gen).to(dtype)
-    out_r.backward(out_r.detach() * g)
-    out_g.backward(g)
-    tol = 1e-8 if out_r.dtype == torch.float64 else 1e-5
-    for tr, tg in zip(case_r.inputs, inputs_g):
-        if tr.requires_grad:
-            err = rel_err(tr.grad, tg.detach() * tg.grad)
-            assert err <= tol, f"{name}: R-view vs x*G-view rel err {err:.3g}"
+from helpers.cases import cuda, gen_for, rand, rel_err
 
 
 # ---- stacked networks: relevance view == gradient view -------------------------------------------
@@ -170,43 +127,6 @@ def test_network_views_differ_when_a_rule_is_missing():
 
 
 # ---- CUDA (run by the GPU job: pytest -m gpu) --------------------------------------------------------
-# Each case is drawn with the same seed on the CPU and moved to the GPU, so the CUDA result (auto
-# backend: triton where it has a kernel) is compared to the CPU torch backend on the same numbers;
-# the CPU backend is itself checked against the float64 oracle above. Tolerances: fp32 2e-3
-# (Triton dots may use TF32), bf16 3e-2 (two bf16 evaluations, each within 2e-2 of the oracle).
-
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-GPU_TOL = {torch.float32: 2e-3, torch.bfloat16: 3e-2}
-
-
-@pytest.fixture
-def on_cuda():
-    import test_functional
-    test_functional.DEVICE[0] = "cuda"
-    yield
-    test_functional.DEVICE[0] = "cpu"
-
-
-@pytest.mark.gpu
-@cuda
-@pytest.mark.parametrize("view", ["R", "G"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("name", list(CASES))
-def test_cuda_matches_cpu_reference(name, dtype, view, request):
-    with lrp_kernels.use_backend("torch"):
-        _, out_c, grads_c, _ = run_case(name, dtype, "sliced", view)
-    request.getfixturevalue("on_cuda")
-    _, out_g, grads_g, _ = run_case(name, dtype, "sliced", view)
-    assert out_g.is_cuda
-    torch.testing.assert_close(out_g.cpu(), out_c, rtol=GPU_TOL[dtype], atol=1e-3, equal_nan=True)
-    for gc, gg in zip(grads_c, grads_g):
-        if gc is None:
-            assert gg is None
-            continue
-        assert gg.is_cuda and gg.dtype == gc.dtype
-        err = rel_err(gg.cpu(), gc)
-        assert err <= GPU_TOL[dtype], f"{name} {dtype} {view}: CUDA vs CPU rel err {err:.3g}"
-
 
 @pytest.mark.gpu
 @cuda

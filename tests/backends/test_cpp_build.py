@@ -1,19 +1,10 @@
-"""The C++ backend (lrp_kernels/_cpp.py, csrc/): RMSNorm-identity and LayerNorm kernels.
+"""The C++ backend's machinery (lrp_kernels.backends.cpp, csrc/): choosing it, the torch fallback
+when the extension is disabled / cannot be built (one warning, a forced backend raises), stale
+build locks, and that the CUDA kernels compile with nvcc (and run, on a GPU). The kernels' numbers
+(vs the float64 oracle and the torch fallback) are checked in tests/ops/test_norm.py.
 
-Checked against the float64 oracle (tests/oracle.py) and against the torch fallback, in both
-views, through the kernel ops and the public drop-ins; plus the build machinery: the torch
-fallback when the extension is disabled / cannot be built (one warning, forced backend
-raises), stale build locks, and that the CUDA kernels compile with nvcc (and run, on a GPU).
-
-Tolerances (norm-wise relative error ||a - b|| / ||b|| unless stated):
-* float32 vs oracle: 1e-5 (SPEC); the LayerNorm relevance view divides by ``stab(x - mean)`` and
-  ``stab(y)``, which amplifies the float32 rounding of the centring and of ``y`` wherever they are
-  near zero (up to ~1e-3 on random inputs, in the torch fallback as much as here), so there the
-  bound is max(1e-5, 4 x the torch fallback's own error vs the oracle on the same input);
-* bfloat16 / float16 vs oracle: 1e-2 (outputs are rounded to 8 / 11 significant bits);
-* vs the torch fallback, element-wise: float32 rtol 1e-5; bf16 / fp16 one unit in the last
-  place of the output (both compute in float32, with different summation orders).
-The extension is built once per machine (cached in the user cache; ~30-60 s cold).
+Inputs and tolerances: tests/helpers/cpp.py. The extension is built once per machine (cached in
+the user cache; ~30-60 s cold).
 """
 from __future__ import annotations
 
@@ -30,33 +21,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import oracle as O
-from lrp_kernels.backends import dispatch
 from lrp_kernels import functional as F
 from lrp_kernels import grad as G
+from lrp_kernels.backends import dispatch
 from lrp_kernels.backends.dispatch import BackendUnavailableError
 
-dispatch._ensure_loaded("cpp")
-from lrp_kernels.backends import cpp as _cpp  # noqa: E402  (registered by the line above, as dispatch does it)
-
-REPO = Path(__file__).resolve().parents[1]
-CSRC = _cpp.source_dir() or REPO / "csrc"  # shipped in the package, or the checkout's top level
-OPS = ("rms_norm_forward", "rms_norm_backward", "layer_norm_forward", "layer_norm_backward")
-SHAPES = [(37,), (5, 67), (2, 3, 129), (3, 1000), (2, 1)]  # 1-D, 2-D, batched, odd / tiny hidden
-DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-ORACLE_TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2, torch.float16: 1e-2}
-ULP_RTOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
+from helpers import oracle as O
+from helpers.cpp import CSRC, REPO, _cpp, assert_ln_relevance, extension_or_skip, inputs, rel
 
 
 @pytest.fixture(scope="session")
 def ext():
     """The compiled extension (built once per machine; skipped only where nothing can build it)."""
-    problem = _cpp.toolchain_problem()
-    if problem:
-        pytest.skip(f"C++ extension cannot be built here: {problem}")
-    if _cpp.disabled():
-        pytest.skip(f"{_cpp.ENV_DISABLE} is set")
-    return _cpp.load_extension()
+    return extension_or_skip()
 
 
 @pytest.fixture
@@ -69,191 +46,7 @@ def fresh_state(monkeypatch):
     return _cpp
 
 
-def rel(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def close_to_torch(a, b, dtype):
-    assert a.dtype == b.dtype and a.shape == b.shape
-    torch.testing.assert_close(a.double(), b.double(), rtol=ULP_RTOL[dtype], atol=1e-6)
-
-
-def assert_ln_relevance(out, x, w, b, gy, eps, epsilon, dtype):
-    """LayerNorm relevance view vs the oracle, within 4x the torch fallback's error (see the top)."""
-    want = O.layer_norm_R(x, w, b, gy, eps, epsilon)
-    _, mu, rs = dispatch.call("layer_norm_forward", x, w, b, eps, backend="torch")
-    fallback = dispatch.call("layer_norm_backward", gy, x, w, b, mu, rs, epsilon, True, backend="torch")
-    assert torch.isfinite(out).all()
-    assert rel(out, want) <= max(ORACLE_TOL[dtype], 4 * rel(fallback, want))
-
-
-def _away_from_zero(t):
-    """Random signs, magnitudes >= 0.5."""
-    return torch.where(t < 0, -1.0, 1.0) * (0.5 + t.abs())
-
-
-def inputs(shape, dtype, seed, weight=True, bias=True):
-    g = torch.Generator().manual_seed(seed)
-    H = shape[-1]
-    # Bounded away from the LayerNorm relevance view's singular points (x_i == mean(x), y_i == 0),
-    # where stab() turns the backends' different float32 summation orders into large relative
-    # differences: |x_i - mean| >~ 0.4 (H > 1), |w| >= 0.5, |b| << |(x - mean) * rstd * w|.
-    x = (_away_from_zero(torch.randn(shape, generator=g)) * 1.5 + 0.3).to(dtype)
-    w = _away_from_zero(torch.randn(H, generator=g)).to(dtype) if weight else None
-    b = (0.02 * torch.randn(H, generator=g)).to(dtype) if bias else None
-    gy = torch.randn(shape, generator=g).to(dtype)
-    return x, w, b, gy
-
-
-# ---- kernel ops vs oracle and torch fallback ------------------------------------------------------
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("weight", [True, False], ids=["w", "no_w"])
-def test_rms_norm_ops(ext, shape, dtype, weight):
-    x, w, _, gy = inputs(shape, dtype, seed=len(shape) * 1000 + shape[-1], weight=weight)
-    eps = 1e-6
-    y, rstd = dispatch.call("rms_norm_forward", x, w, eps, backend="cpp")
-    y_t, rstd_t = dispatch.call("rms_norm_forward", x, w, eps, backend="torch")
-    assert rstd.dtype == rstd_t.dtype and rstd.shape == rstd_t.shape == shape[:-1]
-    close_to_torch(y, y_t, dtype)
-    torch.testing.assert_close(rstd, rstd_t, rtol=1e-5 if dtype != torch.float64 else 1e-12, atol=0)
-    assert rel(y, O.rms_norm(x, w, eps)) < ORACLE_TOL[dtype]
-
-    gx = dispatch.call("rms_norm_backward", gy, w, rstd, backend="cpp")
-    close_to_torch(gx, dispatch.call("rms_norm_backward", gy, w, rstd_t, backend="torch"), dtype)
-    assert rel(gx, O.rms_norm_G(x, w, gy, eps)) < ORACLE_TOL[dtype]
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("params", ["wb", "w", "none"])
-def test_layer_norm_ops(ext, shape, dtype, params):
-    x, w, b, gy = inputs(shape, dtype, seed=7 + shape[-1], weight="w" in params, bias="b" in params)
-    eps, epsilon = 1e-5, 1e-6
-    y, mu, rstd = dispatch.call("layer_norm_forward", x, w, b, eps, backend="cpp")
-    y_t, mu_t, rstd_t = dispatch.call("layer_norm_forward", x, w, b, eps, backend="torch")
-    for s, s_t in ((mu, mu_t), (rstd, rstd_t)):
-        assert s.dtype == s_t.dtype and s.shape == s_t.shape == shape[:-1]
-        torch.testing.assert_close(s, s_t, rtol=1e-5 if dtype != torch.float64 else 1e-12, atol=1e-6)
-    close_to_torch(y, y_t, dtype)
-    assert rel(y, O.layer_norm(x, w, b, eps)) < ORACLE_TOL[dtype]
-
-    g_view = dispatch.call("layer_norm_backward", gy, x, w, b, mu, rstd, epsilon, False, backend="cpp")
-    g_view_t = dispatch.call("layer_norm_backward", gy, x, w, b, mu_t, rstd_t, epsilon, False, backend="torch")
-    close_to_torch(g_view, g_view_t, dtype) if shape[-1] > 1 else None  # H=1: both are 0 +- rounding
-    if shape[-1] > 1:
-        assert rel(g_view, O.layer_norm_G(x, w, gy, eps)) < ORACLE_TOL[dtype]
-    else:
-        assert g_view.abs().max() == 0  # u - mean(u) of one element
-
-    r_view = dispatch.call("layer_norm_backward", gy, x, w, b, mu, rstd, epsilon, True, backend="cpp")
-    r_view_t = dispatch.call("layer_norm_backward", gy, x, w, b, mu_t, rstd_t, epsilon, True, backend="torch")
-    if shape[-1] > 1:
-        assert_ln_relevance(r_view, x, w, b, gy, eps, epsilon, dtype)
-    else:  # x * (n - mean(n)) with one element: exactly zero
-        assert r_view.abs().max() == 0 and r_view_t.abs().max() == 0
-
-
-def test_non_contiguous_inputs(ext):
-    g = torch.Generator().manual_seed(3)
-    base = torch.randn(67, 6, generator=g)
-    x = base.t()  # [6, 67], last dim strided
-    sliced = torch.randn(4, 134, generator=g)[:, ::2]  # [4, 67], stride 2
-    w, b = torch.randn(67, generator=g), torch.randn(67, generator=g)
-    for t in (x, sliced, torch.randn(3, 8, 67, generator=g).transpose(0, 1)):
-        assert not t.is_contiguous()
-        y, rstd = dispatch.call("rms_norm_forward", t, w, 1e-6, backend="cpp")
-        assert rel(y, O.rms_norm(t, w, 1e-6)) < 1e-5
-        gy = torch.randn(t.shape[::-1], generator=g).permute(*reversed(range(t.dim())))  # strided too
-        gx = dispatch.call("rms_norm_backward", gy, w, rstd, backend="cpp")
-        assert rel(gx, O.rms_norm_G(t, w, gy, 1e-6)) < 1e-5
-        y, mu, rs = dispatch.call("layer_norm_forward", t, w, b, 1e-5, backend="cpp")
-        assert rel(y, O.layer_norm(t, w, b, 1e-5)) < 1e-5
-        r = dispatch.call("layer_norm_backward", gy, t, w, b, mu, rs, 1e-6, True, backend="cpp")
-        assert_ln_relevance(r, t, w, b, gy, 1e-5, 1e-6, torch.float32)
-        # non-contiguous statistics and weights too
-        w_nc, rstd_nc = torch.stack([w, w], 1)[:, 0], torch.stack([rstd, rstd], -1)[..., 0]
-        assert not w_nc.is_contiguous() and not rstd_nc.is_contiguous()
-        gx2 = dispatch.call("rms_norm_backward", gy, w_nc, rstd_nc, backend="cpp")
-        torch.testing.assert_close(gx2, gx, rtol=0, atol=0)
-
-
-def test_mixed_dtype_params(ext):
-    """bf16 activations with float32 weights (a common mixed-precision set-up), as torch does it."""
-    x, _, _, gy = inputs((4, 96), torch.bfloat16, seed=11)
-    w, b = torch.randn(96), torch.randn(96)
-    y, rstd = dispatch.call("rms_norm_forward", x, w, 1e-6, backend="cpp")
-    close_to_torch(y, dispatch.call("rms_norm_forward", x, w, 1e-6, backend="torch")[0], torch.bfloat16)
-    y, mu, rs = dispatch.call("layer_norm_forward", x, w, b, 1e-5, backend="cpp")
-    close_to_torch(y, dispatch.call("layer_norm_forward", x, w, b, 1e-5, backend="torch")[0], torch.bfloat16)
-
-
-# ---- public drop-ins: both views, per-call backend and use_backend -------------------------------
-
-@pytest.fixture
-def spy(monkeypatch):
-    """Counts calls of the cpp kernels, to prove the rule really ran on this backend."""
-    counts = {op: 0 for op in OPS}
-    for op in OPS:
-        impl = dispatch._REGISTRY[op]["cpp"]
-
-        def wrapped(*a, _fn=impl.fn, _op=op, **k):
-            counts[_op] += 1
-            return _fn(*a, **k)
-        monkeypatch.setattr(impl, "fn", wrapped)
-    return counts
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("how", ["backend=", "use_backend", "auto"])
-def test_public_rms_norm_both_views(ext, spy, monkeypatch, dtype, how):
-    monkeypatch.delenv("LRP_KERNELS_BACKEND", raising=False)
-    x, w, _, gy = inputs((2, 3, 129), dtype, seed=5)
-    kw = {"backend": "cpp"} if how == "backend=" else {}
-    outs = {}
-    for name, view in (("R", F), ("G", G)):
-        xr = x.clone().requires_grad_()
-        if how == "use_backend":
-            with dispatch.use_backend("cpp"):
-                y = view.rms_norm_identity(xr, w, 1e-6)
-                y.backward(gy)
-        else:
-            y = view.rms_norm_identity(xr, w, 1e-6, **kw)
-            y.backward(gy)
-        outs[name] = (y, xr.grad)
-    assert spy["rms_norm_forward"] == 2 and spy["rms_norm_backward"] == 1  # R view: no kernel
-    tol = ORACLE_TOL[dtype]
-    assert rel(outs["G"][0], O.rms_norm(x, w, 1e-6)) < tol
-    assert torch.equal(outs["R"][1], gy)  # identity rule: R_x = R_y exactly
-    assert rel(outs["G"][1], O.rms_norm_G(x, w, gy, 1e-6)) < tol
-    # relevance of x in the G view is x * G_x; same total as the R view up to the rule (not conservative)
-    assert torch.isfinite(outs["G"][1]).all()
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("how", ["backend=", "use_backend", "auto"])
-def test_public_layer_norm_both_views(ext, spy, monkeypatch, dtype, how):
-    monkeypatch.delenv("LRP_KERNELS_BACKEND", raising=False)
-    x, w, b, gy = inputs((3, 4, 67), dtype, seed=9)
-    kw = {"backend": "cpp"} if how == "backend=" else {}
-    grads = {}
-    for name, view in (("R", F), ("G", G)):
-        xr = x.clone().requires_grad_()
-        if how == "use_backend":
-            with dispatch.use_backend("cpp"):
-                y = view.layer_norm(xr, w, b, 1e-5, 1e-6)
-                y.backward(gy)
-        else:
-            y = view.layer_norm(xr, w, b, 1e-5, 1e-6, **kw)
-            y.backward(gy)
-        assert rel(y, O.layer_norm(x, w, b, 1e-5)) < ORACLE_TOL[dtype]
-        grads[name] = xr.grad
-    assert spy["layer_norm_forward"] == 2 and spy["layer_norm_backward"] == 2
-    assert_ln_relevance(grads["R"], x, w, b, gy, 1e-5, 1e-6, dtype)
-    assert rel(grads["G"], O.layer_norm_G(x, w, gy, 1e-5)) < ORACLE_TOL[dtype]
-
+# ---- auto picks it for CPU tensors ----------------------------------------------------------------
 
 def test_auto_picks_cpp_for_cpu_tensors(ext, monkeypatch):
     monkeypatch.delenv("LRP_KERNELS_BACKEND", raising=False)
@@ -269,26 +62,6 @@ def test_auto_picks_cpp_for_cpu_tensors(ext, monkeypatch):
     if not torch.cuda.is_available():
         assert _cpp._supports_tensor(torch.empty(2, 3)) is None
 
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_tensors(ext):
-    x, w, b, gy = (t.cuda() for t in inputs((5, 3, 1031), torch.float32, seed=2))
-    if not getattr(ext, "with_cuda", False):
-        assert "without CUDA" in _cpp._supports_tensor(x)
-        pytest.skip("extension built without CUDA (no nvcc / CUDA_HOME)")
-    for dtype in (torch.float32, torch.bfloat16):
-        xd, wd, bd, gd = (t.to(dtype) for t in (x, w, b, gy))
-        y, rstd = dispatch.call("rms_norm_forward", xd, wd, 1e-6, backend="cpp")
-        assert y.is_cuda and rel(y.cpu(), O.rms_norm(xd.cpu(), wd.cpu(), 1e-6)) < ORACLE_TOL[dtype]
-        gx = dispatch.call("rms_norm_backward", gd, wd, rstd, backend="cpp")
-        assert rel(gx.cpu(), O.rms_norm_G(xd.cpu(), wd.cpu(), gd.cpu(), 1e-6)) < ORACLE_TOL[dtype]
-        y, mu, rs = dispatch.call("layer_norm_forward", xd, wd, bd, 1e-5, backend="cpp")
-        assert rel(y.cpu(), O.layer_norm(xd.cpu(), wd.cpu(), bd.cpu(), 1e-5)) < ORACLE_TOL[dtype]
-        out = dispatch.call("layer_norm_backward", gd, xd, wd, bd, mu, rs, 1e-6, False, backend="cpp")
-        assert rel(out.cpu(), O.layer_norm_G(xd.cpu(), wd.cpu(), gd.cpu(), 1e-5)) < ORACLE_TOL[dtype]
-        out = dispatch.call("layer_norm_backward", gd, xd, wd, bd, mu, rs, 1e-6, True, backend="cpp")
-        assert_ln_relevance(out.cpu(), xd.cpu(), wd.cpu(), bd.cpu(), gd.cpu(), 1e-5, 1e-6, dtype)
 
 
 # ---- fallback: disabled, no toolchain, build error --------------------------------------------------

@@ -1,19 +1,27 @@
-"""Relevance view (lrp_kernels.functional) against the float64 oracle (tests/oracle.py).
+"""The per-op case table and the checks every file of ``tests/ops/`` runs on its own cases.
 
 Every drop-in, on fresh random inputs (a seed per test, no stored outputs), batched, odd sizes,
-contiguous / transposed / strided-slice layouts, in three dtypes:
+contiguous / transposed / strided-slice layouts, in three dtypes, against the float64 oracle
+(:mod:`helpers.oracle`):
 
 * float64: the exact formula, with an *arbitrary* random output relevance, tol 1e-10;
 * float32: tol 1e-5 relative (norm-wise), SPEC's promise;
 * bfloat16: tol 2e-2 relative, against the oracle evaluated on the bf16-rounded inputs
   (the kernels compute in fp32 but the forward output ``z`` the rule divides by is bf16).
 
-In fp32/bf16 the output relevance is ``R_out = out * G`` for random ``G``: that is what an
-upstream rule delivers (relevance proportional to the activation), and it keeps
+In the relevance view in fp32/bf16 the output relevance is ``R_out = out * G`` for random ``G``:
+that is what an upstream rule delivers (relevance proportional to the activation), and it keeps
 ``R_z / stab(z)`` well-conditioned. With an arbitrary ``R_z`` a ``z`` that is ~0 only up to
-rounding makes the *reference itself* ill-conditioned, not the kernel wrong.
+rounding makes the *reference itself* ill-conditioned, not the kernel wrong. In the gradient
+view the upstream gradient is an arbitrary random ``G`` in every dtype (the rules multiply by
+``z / stab(z)``, which is well-conditioned).
 
-The case table (``CASES``) is shared with tests/test_grad_view.py (gradient view).
+Views (``VIEWS``): ``"R"`` the relevance drop-ins (:mod:`lrp_kernels.functional`), ``"G"`` the
+gradient drop-ins (:mod:`lrp_kernels.grad`), ``"MR"`` / ``"MG"`` the modules of
+:mod:`lrp_kernels.modules` with ``relevance=True`` / ``False`` (:class:`ModuleView` builds
+them from the same arguments). Backends: ``"torch"``, ``"auto"`` (the C++ backend for the norms
+wherever it is built; never the Triton interpreter) and ``"triton"`` (through the interpreter on
+CPU, float32 only) for the ops with a Triton kernel.
 """
 from __future__ import annotations
 
@@ -24,21 +32,47 @@ from typing import Callable
 import pytest
 import torch
 import torch.nn.functional as tF
+from torch import nn
 
 import lrp_kernels
 import lrp_kernels.functional as F
 import lrp_kernels.grad as G
-from helpers import oracle as O
+from lrp_kernels import modules as M
+from lrp_kernels.backends import dispatch
+
+from . import oracle as O
 
 EPS = 1e-6
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 LAYOUTS = ["contig", "transposed", "sliced"]
 # where the case table puts its tensors (values are always drawn on the CPU, so a CUDA run of a
-# case sees the same numbers as the CPU run; see tests/test_grad_view.py's GPU tests)
+# case sees the same numbers as the CPU run; see the CUDA tests of the op files)
 DEVICE = ["cpu"]
 # the reference backend, and whatever "auto" picks here (cpp where built; never the interpreter)
 BACKENDS = ["torch", "auto"]
+VIEWS = {"R": "relevance drop-ins", "G": "gradient drop-ins", "MR": "modules, relevance=True",
+         "MG": "modules, relevance=False"}
+
+TRITON_OK, TRITON_WHY = dispatch.backend_status("triton")
+
+
+def _triton_on_cpu() -> str | None:
+    """None if the case table (CPU tensors) can run on the triton backend, else why not."""
+    if not TRITON_OK:
+        return f"triton backend unavailable: {TRITON_WHY}"
+    from lrp_kernels.backends.triton import interpreting
+    if not interpreting():
+        return "CPU tensors on the triton backend need TRITON_INTERPRET=1 (the CUDA tests cover the GPU)"
+    return None
+
+
+# the triton backend on the case table: the interpreter, float32 only (its bf16 arithmetic is not
+# the GPU's); skipped with the reason where that cannot run
+TRITON = pytest.param("triton", marks=pytest.mark.skipif(_triton_on_cpu() is not None,
+                                                         reason=str(_triton_on_cpu())))
+# (view, layout) on the triton backend: both drop-ins in every layout, the modules in one
+TRITON_VIEWS = [(v, layout) for v in ("R", "G") for layout in LAYOUTS] + [("MR", "transposed"), ("MG", "transposed")]
 
 
 # ---- helpers -----------------------------------------------------------------------------------
@@ -70,9 +104,11 @@ def rand(gen, shape, dtype, layout="contig", grad=True, scale=1.0) -> torch.Tens
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    got, want = got.detach().double(), want.detach().double()
+    """Norm-wise relative error ||got - want|| / ||want|| (absolute where want is 0); asserts
+    equal shapes and a finite ``got`` (an unwritten output or a NaN shows up here)."""
+    got, want = got.detach().double().cpu(), want.detach().double().cpu()
     assert got.shape == want.shape, (got.shape, want.shape)
-    assert torch.isfinite(got).all(), "non-finite relevance"
+    assert torch.isfinite(got).all(), "non-finite element (unwritten output or NaN)"
     den = want.norm()
     return ((got - want).norm() / den).item() if den > 0 else (got - want).norm().item()
 
@@ -83,6 +119,65 @@ def _to(t, like):
 
 def leaf_grads(inputs):
     return [t.grad if t.requires_grad else None for t in inputs]
+
+
+# ---- the modules as a view ----------------------------------------------------------------------
+
+def _param(t):
+    return None if t is None else nn.Parameter(t.detach(), requires_grad=False)
+
+
+class ModuleView:
+    """The drop-in modules called like the functional drop-ins: each call builds the module from
+    the call's arguments (the case's own weights, layouts kept) and applies it."""
+
+    def __init__(self, relevance: bool):
+        self.relevance = relevance
+
+    def linear_epsilon(self, x, weight, bias=None, epsilon=EPS):
+        mod = M.LinearEpsilon(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta",
+                              epsilon=epsilon, relevance=self.relevance)
+        mod.weight, mod.bias = _param(weight), _param(bias)
+        return mod(x)
+
+    def add2(self, a, b, epsilon=EPS):
+        return M.AddEpsilon(epsilon, relevance=self.relevance)(a, b)
+
+    def add(self, *inputs, epsilon=EPS):
+        return M.AddEpsilon(epsilon, relevance=self.relevance)(*inputs)
+
+    def mul2(self, a, b):
+        return M.MulUniform(relevance=self.relevance)(a, b)
+
+    def matmul(self, a, b, epsilon=EPS):
+        return M.MatmulUE(epsilon, relevance=self.relevance)(a, b)
+
+    def softmax(self, x, dim, dtype=None, temperature=1.0):
+        return M.SoftmaxDT(dim, dtype, temperature, relevance=self.relevance)(x)
+
+    def rms_norm_identity(self, x, weight=None, eps=1e-6):
+        mod = M.RMSNormIdentity(x.shape[-1], eps, device="meta", relevance=self.relevance)
+        mod.weight = _param(torch.ones(x.shape[-1], dtype=x.dtype, device=x.device) if weight is None else weight)
+        return mod(x)
+
+    def layer_norm(self, x, weight=None, bias=None, eps=1e-5, epsilon=EPS):
+        mod = M.LayerNormIdentity(x.shape[-1], eps, elementwise_affine=weight is not None, bias=bias is not None,
+                                  device="meta", epsilon=epsilon, relevance=self.relevance)
+        if weight is not None:
+            mod.weight = _param(weight)
+        if bias is not None:
+            mod.bias = _param(bias)
+        return mod(x)
+
+    def identity(self, fn, x, epsilon=EPS):
+        return M.IdentityRuleActivation(fn, epsilon, relevance=self.relevance)(x)
+
+
+VIEW_MODULES = {"R": F, "G": G, "MR": ModuleView(True), "MG": ModuleView(False)}
+
+
+def is_relevance_view(view: str) -> bool:
+    return view in ("R", "MR")
 
 
 # ---- the case table ----------------------------------------------------------------------------
@@ -245,48 +340,76 @@ CASES = {
     "identity_tanh": _identity(torch.tanh),
 }
 
+# which op file owns which cases (tests/ops/test_<op>.py), and which have a module / a Triton kernel
+OPS = {
+    "linear_epsilon": ["linear_bias", "linear_nobias", "linear_zerobias", "linear_1d_input"],
+    "elementwise": ["add2_same", "add2_broadcast", "add3_broadcast", "mul2", "mul2_broadcast", "mul2_const",
+                    "mean_dim1", "mean_dims_keep", "mean_all", "mean_all_keep", "normalize_l2",
+                    "normalize_l1_dim1", "identity_silu", "identity_gelu", "identity_tanh"],
+    "matmul": ["matmul_2d", "matmul_batched", "matmul_bcast_batch", "matmul_bcast_2d", "matmul_1d_left",
+               "matmul_1d_right", "matmul_1d_1d", "matmul_const"],
+    "softmax": ["softmax_last", "softmax_dim1", "softmax_dim0_T", "softmax_dtype_f32"],
+    "norm": ["rms_weight", "rms_noweight", "layer_norm_wb", "layer_norm_w", "layer_norm_plain"],
+}
+assert sorted(n for names in OPS.values() for n in names) == sorted(CASES), "every case belongs to one op file"
+NO_MODULE = {"mean_dim1", "mean_dims_keep", "mean_all", "mean_all_keep", "normalize_l2", "normalize_l1_dim1"}
+# what the Triton kernels take (1-D operands and broadcast batch dims stay on torch, with a reason)
+TRITON_CASES = {"linear_bias", "linear_nobias", "linear_zerobias", "linear_1d_input", "matmul_2d",
+                "matmul_batched", "softmax_last", "softmax_dim1", "softmax_dim0_T",
+                "softmax_dtype_f32"}
+
+
+def with_module(names):
+    return [n for n in names if n not in NO_MODULE]
+
+
+def with_triton(names):
+    return [n for n in names if n in TRITON_CASES]
+
+
+def conservative(names):
+    return [n for n in names if CASES[n](gen_for(n), torch.float64, "contig").conservative]
+
 
 def run_case(name, dtype, layout, view, seed_extra=""):
     """Build a case, run forward + backward in ``view``; returns (case, out, grads, start)."""
     gen = gen_for(name, str(dtype), layout, view, seed_extra)
     case = CASES[name](gen, dtype, layout)
-    out = case.run(F if view == "R" else G, *case.inputs)
+    out = case.run(VIEW_MODULES[view], *case.inputs)
     g = torch.randn(out.shape, generator=gen).to(dtype=out.dtype, device=out.device)
-    if view == "R" and dtype != torch.float64:
+    relevance = is_relevance_view(view)
+    if relevance and dtype != torch.float64:
         start = torch.nan_to_num(out.detach() * g)  # relevance proportional to the activation
     else:
         start = g
     out.backward(start)
-    if view == "R" and dtype != torch.float64:
+    if relevance and dtype != torch.float64:
         # the oracle's relevance is proportional to *its* (float64) activation, with the same G
         start = case.plain(*[t.detach().double() for t in case.inputs]).double() * g.double()
     return case, out, leaf_grads(case.inputs), start
 
 
-# ---- relevance view vs oracle ------------------------------------------------------------------
+# ---- the checks the op files run ------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("name", list(CASES))
-def test_relevance_matches_oracle(name, dtype, layout, backend):
+def check_view_matches_oracle(name, dtype, layout, backend, view):
+    """One case in one view on one backend: every input's relevance (R views) or gradient (G
+    views) equals the oracle's, within TOL; constants get none."""
     with lrp_kernels.use_backend(backend):
-        case, out, grads, start = run_case(name, dtype, layout, "R")
-    want = case.oracle_R(case.inputs, start)
+        case, out, grads, start = run_case(name, dtype, layout, view)
+    want = (case.oracle_R if is_relevance_view(view) else case.oracle_G)(case.inputs, start)
+    what = "relevance" if is_relevance_view(view) else "gradient"
     for i, (g, w) in enumerate(zip(grads, want)):
         if w is None:
-            assert g is None, f"input {i} is a constant and must get no relevance"
+            assert g is None, f"input {i} is a constant and must get no {what}"
             continue
-        assert g is not None, f"input {i} got no relevance"
+        assert g is not None, f"input {i} got no {what}"
         assert g.dtype == case.inputs[i].dtype and g.shape == case.inputs[i].shape
         err = rel_err(g, w)
         tol = max(TOL[dtype], TOL[out.dtype])  # softmax(dtype=...) may compute in a lower precision
-        assert err <= tol, f"{name} {dtype} {layout} input {i}: rel err {err:.3g} > {tol}"
+        assert err <= tol, f"{name} {dtype} {layout} {view} {backend} input {i}: rel err {err:.3g} > {tol}"
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("name", list(CASES))
-def test_forward_equals_plain_op(name, dtype):
+def check_forward_equals_plain_op(name, dtype):
     gen = gen_for("fwd", name, str(dtype))
     case = CASES[name](gen, dtype, "transposed")
     for view in (F, G):
@@ -296,12 +419,7 @@ def test_forward_equals_plain_op(name, dtype):
         torch.testing.assert_close(out, ref, equal_nan=True)
 
 
-CONSERVATIVE = [n for n in CASES if CASES[n](gen_for(n), torch.float64, "contig").conservative]
-
-
-@pytest.mark.parametrize("view", ["R", "G"])
-@pytest.mark.parametrize("name", CONSERVATIVE)
-def test_conservation_eps_to_zero(name, view):
+def check_conservation_eps_to_zero(name, view):
     """SPEC: epsilon / identity / uniform rules with eps -> 0 and zero bias conserve relevance,
     sum(R_in) == sum(R_out), in both views (gradient view: R_t = t * t.grad)."""
     gen = gen_for("cons", name, view)
@@ -315,8 +433,7 @@ def test_conservation_eps_to_zero(name, view):
     assert abs(total_in - r_out.sum()) <= 1e-8 * r_out.abs().sum(), (total_in, r_out.sum())
 
 
-@pytest.mark.parametrize("name", ["linear_bias", "layer_norm_wb"])
-def test_bias_absorbs_relevance(name):
+def check_bias_absorbs_relevance(name):
     """With a bias the epsilon rule is not conservative: the bias keeps ``b * R_z / z``."""
     gen = gen_for("absorb", name)
     case = CASES[name](gen, torch.float64, "contig", eps=1e-12)
@@ -327,216 +444,67 @@ def test_bias_absorbs_relevance(name):
     assert lost > 1e-3 * start.abs().sum()
 
 
-def test_softmax_dt_is_not_conservative():
-    """The rule 'with bias' absorbs relevance: with R_s = s each row's relevance sums to 0."""
-    gen = gen_for("sm-absorb")
-    x = rand(gen, (4, 9), torch.float64)
-    s = F.softmax(x, -1)
-    s.backward(s.detach())
-    torch.testing.assert_close(x.grad.sum(-1), torch.zeros(4, dtype=torch.float64), atol=1e-12, rtol=0)
-    assert s.detach().sum() > 3.9  # while 4 units of relevance came in
+def check_single_op_views_agree(name, dtype):
+    """Per op: R-view relevance with R_out = out * G equals x * (G-view grad with G).
+
+    The views agree up to rounding and O(eps / |x|) terms (identity, LayerNorm centring), so
+    the rule epsilon is taken ~0 here."""
+    gen = gen_for("agree", name, str(dtype))
+    case_r = CASES[name](gen, dtype, "sliced", eps=1e-10)
+    inputs_g = [t.detach().clone().requires_grad_(t.requires_grad) for t in case_r.inputs]
+    out_r = case_r.run(F, *case_r.inputs)
+    out_g = case_r.run(G, *inputs_g)
+    g = torch.randn(out_r.shape, generator=gen).to(dtype)
+    out_r.backward(out_r.detach() * g)
+    out_g.backward(g)
+    tol = 1e-8 if out_r.dtype == torch.float64 else 1e-5
+    for tr, tg in zip(case_r.inputs, inputs_g):
+        if tr.requires_grad:
+            err = rel_err(tr.grad, tg.detach() * tg.grad)
+            assert err <= tol, f"{name}: R-view vs x*G-view rel err {err:.3g}"
 
 
-# ---- softmax masks ------------------------------------------------------------------------------
+# ---- CUDA (run by the GPU job: pytest -m gpu) --------------------------------------------------------
+# Each case is drawn with the same seed on the CPU and moved to the GPU, so the CUDA result (auto
+# backend: triton where it has a kernel) is compared to the CPU torch backend on the same numbers;
+# the CPU backend is itself checked against the float64 oracle. Tolerances: fp32 2e-3 (Triton dots
+# may use TF32), bf16 3e-2 (two bf16 evaluations, each within 2e-2 of the oracle).
 
-def _masked_logits(gen, dtype, fill):
-    """Rows: unmasked, partly masked, fully masked (by ``fill``: -inf or the dtype minimum)."""
-    x = (torch.randn(3, 4, 9, generator=gen) * 2).to(dtype)
-    mask = torch.rand(3, 4, 9, generator=gen) < 0.4
-    mask[:, 0] = False        # an unmasked row per batch
-    mask[1, 2] = True         # a fully masked row
-    mask[2, 3, :-1] = True    # only one entry left
-    value = float("-inf") if fill == "-inf" else torch.finfo(dtype).min
-    return x.masked_fill(mask, value).requires_grad_(), mask
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+GPU_TOL = {torch.float32: 2e-3, torch.bfloat16: 3e-2}
 
 
-@pytest.mark.parametrize("view", ["R", "G"])
-@pytest.mark.parametrize("fill", ["-inf", "min"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_softmax_masked_logits(dtype, fill, view):
-    gen = gen_for("mask", str(dtype), fill, view)
-    x, mask = _masked_logits(gen, dtype, fill)
-    s = (F if view == "R" else G).softmax(x, -1)
-    torch.testing.assert_close(s, torch.softmax(x, -1), equal_nan=True)
-    # upstream relevance / gradient, finite everywhere (also on the fully masked rows). In the
-    # relevance view it is s * G as any upstream rule delivers it: zero where s == 0 (what
-    # relevance "at" a zero-probability entry should do is not defined by SPEC; the oracle
-    # ignores it, the kernel treats it as the limit s -> 0)
-    start = torch.randn(s.shape, generator=gen).to(dtype)
-    if view == "R":
-        start = torch.nan_to_num(s.detach() * start, nan=0.0)
-    s.backward(start)
-    gx = x.grad
-    assert torch.isfinite(gx).all(), "NaN/Inf relevance from masked logits"
-    assert (gx[mask] == 0).all(), "masked logits must carry exactly zero relevance"
-    assert (gx[1, 2] == 0).all(), "a fully masked row carries zero relevance"
-    keep = ~mask.all(-1)
-    want = (O.softmax_R if view == "R" else O.softmax_G)(x, start, -1)
-    err = rel_err(gx[keep], want[keep])
-    assert err <= TOL[dtype], f"rel err {err:.3g}"
-
-
-def test_softmax_fully_masked_row_nan_upstream():
-    """A fully -inf row makes softmax NaN (as torch); its NaN relevance becomes 0, others intact."""
-    x = torch.randn(3, 5, dtype=torch.float64)
-    x[1] = float("-inf")
-    x.requires_grad_()
-    s = F.softmax(x, -1)
-    assert torch.isnan(s[1]).all() and torch.isfinite(s[[0, 2]]).all()
-    s.backward(torch.nan_to_num(s.detach(), nan=0.0))
-    assert (x.grad[1] == 0).all() and torch.isfinite(x.grad).all()
-    torch.testing.assert_close(x.grad[[0, 2]], O.softmax_R(x[[0, 2]], s.detach()[[0, 2]]))
-
-
-# ---- stop_relevance ----------------------------------------------------------------------------
-
-@pytest.mark.parametrize("view", [F, G])
-def test_stop_relevance(view):
-    gen = gen_for("stop")
-    x = rand(gen, (3, 5), torch.float64, "transposed")
-    y = view.stop_relevance(x)
-    assert torch.equal(y, x) and not y.requires_grad
-    z = view.add2(y, x)      # only the second operand receives relevance
-    z.backward(torch.ones_like(z))
-    assert x.grad is not None
-    ra, rb = (O.add_R if view is F else O.add_G)([y, x], torch.ones_like(z), EPS)
-    torch.testing.assert_close(x.grad, rb)
-
-
-def test_linear_weight_and_bias_get_no_relevance():
-    gen = gen_for("wgrad")
-    x = rand(gen, (4, 6), torch.float64)
-    w = rand(gen, (3, 6), torch.float64)
-    b = rand(gen, (3,), torch.float64)
-    F.linear_epsilon(x, w, b).sum().backward()
-    assert x.grad is not None and w.grad is None and b.grad is None
-
-
-def test_recompute_gives_the_same_relevance():
-    gen = gen_for("recompute")
-    x = rand(gen, (2, 5, 9), torch.float32, "transposed")
-    w = rand(gen, (4, 9), torch.float32, grad=False)
-    b = rand(gen, (4,), torch.float32, grad=False)
-    grads = []
-    for recompute in (False, True):
-        y = F.linear_epsilon(x, w, b, recompute=recompute)
-        y.backward(y.detach())
-        grads.append(x.grad.clone())
-        x.grad = None
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-7)
+def check_cuda_matches_cpu_reference(name, dtype, view):
+    with lrp_kernels.use_backend("torch"):
+        _, out_c, grads_c, _ = run_case(name, dtype, "sliced", view)
+    DEVICE[0] = "cuda"
+    try:
+        _, out_g, grads_g, _ = run_case(name, dtype, "sliced", view)
+    finally:
+        DEVICE[0] = "cpu"
+    assert out_g.is_cuda
+    torch.testing.assert_close(out_g.cpu(), out_c, rtol=GPU_TOL[dtype], atol=1e-3, equal_nan=True)
+    for gc, gg in zip(grads_c, grads_g):
+        if gc is None:
+            assert gg is None
+            continue
+        assert gg.is_cuda and gg.dtype == gc.dtype
+        err = rel_err(gg.cpu(), gc)
+        assert err <= GPU_TOL[dtype], f"{name} {dtype} {view}: CUDA vs CPU rel err {err:.3g}"
 
 
 # ---- bad input: clear errors -------------------------------------------------------------------
 
-def _f(*shape, dtype=torch.float32, device="cpu"):
+def bad(*shape, dtype=torch.float32, device="cpu"):
+    """A tensor for the bad-input tables (``meta``: a tensor on another device)."""
     return torch.randn(*shape, dtype=dtype) if device == "cpu" else torch.empty(*shape, dtype=dtype, device=device)
 
 
-BAD_INPUTS = [
-    # (call, exception type, words the message must contain)
-    (lambda V: V.linear_epsilon(_f(2, 5), _f(3, 4)), ValueError, ["in_features", "x"]),
-    (lambda V: V.linear_epsilon(_f(2, 4), _f(3, 4), _f(4)), ValueError, ["bias", "(3,)"]),
-    (lambda V: V.linear_epsilon(_f(2, 4), _f(3, 4, 1)), ValueError, ["weight", "2-D"]),
-    (lambda V: V.linear_epsilon(torch.ones(2, 4, dtype=torch.int64), _f(3, 4)), TypeError, ["x", "floating"]),
-    (lambda V: V.linear_epsilon(_f(2, 4), _f(3, 4, device="meta")), ValueError, ["device", "weight"]),
-    (lambda V: V.linear_epsilon(_f(2, 4), _f(3, 4), None, -1e-3), ValueError, ["epsilon"]),
-    (lambda V: V.add2(_f(2, 3), _f(4, 3)), ValueError, ["broadcast"]),
-    (lambda V: V.add(_f(2, 3)), ValueError, ["at least two"]),
-    (lambda V: V.add2(_f(2, 3), torch.ones(2, 3, dtype=torch.int32)), TypeError, ["input 1", "floating"]),
-    (lambda V: V.add2(_f(2, 3), _f(2, 3, device="meta")), ValueError, ["device"]),
-    (lambda V: V.add2(_f(2, 3), _f(2, 3), -0.1), ValueError, ["epsilon"]),
-    (lambda V: V.mul2(_f(2, 3), _f(3, 2)), ValueError, ["broadcast"]),
-    (lambda V: V.mul2(_f(2, 3), torch.ones(2, 3, dtype=torch.bool)), TypeError, ["b", "floating"]),
-    (lambda V: V.mul2(_f(2, 3), _f(2, 3, device="meta")), ValueError, ["device"]),
-    (lambda V: V.matmul(_f(2, 3), _f(4, 5)), ValueError, ["contraction"]),
-    (lambda V: V.matmul(_f(2, 3, 4), _f(3, 4, 5)), ValueError, ["batch", "broadcast"]),
-    (lambda V: V.matmul(_f(2, 3), torch.tensor(2.0)), ValueError, ["at least 1 dim"]),
-    (lambda V: V.matmul(_f(2, 3), _f(3, 2), -1.0), ValueError, ["epsilon"]),
-    (lambda V: V.matmul(_f(2, 3), _f(3, 2, device="meta")), ValueError, ["device"]),
-    (lambda V: V.softmax(_f(2, 3), 2), ValueError, ["dim"]),
-    (lambda V: V.softmax(_f(2, 3), -3), ValueError, ["dim"]),
-    (lambda V: V.softmax(_f(2, 3), -1, None, 0.0), ValueError, ["temperature"]),
-    (lambda V: V.softmax(torch.ones(2, 3, dtype=torch.int64), -1), TypeError, ["x", "floating"]),
-    (lambda V: V.rms_norm_identity(_f(2, 5), _f(4)), ValueError, ["weight", "(5,)"]),
-    (lambda V: V.rms_norm_identity(_f(2, 5), _f(5), -1.0), ValueError, ["eps"]),
-    (lambda V: V.rms_norm_identity(_f(2, 5), _f(5, device="meta")), ValueError, ["device"]),
-    (lambda V: V.layer_norm(_f(2, 5), _f(5), _f(3)), ValueError, ["bias", "(5,)"]),
-    (lambda V: V.layer_norm(_f(2, 5), None, None, 1e-5, -1.0), ValueError, ["epsilon"]),
-    (lambda V: V.layer_norm(torch.ones(2, 5, dtype=torch.int64)), TypeError, ["x", "floating"]),
-    (lambda V: V.mean(_f(2, 5), 2), ValueError, ["dim"]),
-    (lambda V: V.mean(_f(2, 5), (1, -1)), ValueError, ["repeat"]),
-    (lambda V: V.mean(_f(2, 5), 1, False, -1.0), ValueError, ["epsilon"]),
-    (lambda V: V.normalize(_f(2, 5), 2.0, 3), ValueError, ["dim"]),
-    (lambda V: V.identity(torch.tanh, _f(2, 5), -1.0), ValueError, ["epsilon"]),
-    (lambda V: V.identity("tanh", _f(2, 5)), TypeError, ["fn", "callable"]),
-    (lambda V: V.identity(lambda t: t.sum(-1), _f(2, 5)), ValueError, ["element-wise"]),
-    (lambda V: V.identity(torch.tanh, torch.ones(3, dtype=torch.int64)), TypeError, ["x", "floating"]),
-    (lambda V: V.stop_relevance(torch.ones(3, dtype=torch.int64)), TypeError, ["x", "floating"]),
-    (lambda V: V.linear_epsilon(_f(2, 4), _f(3, 4), backend="cuda"), ValueError, ["backend"]),
-]
-
-
-@pytest.mark.parametrize("view", [F, G], ids=["R", "G"])
-@pytest.mark.parametrize("idx", range(len(BAD_INPUTS)))
-def test_bad_input_raises_clear_error(idx, view):
-    call, exc, words = BAD_INPUTS[idx]
+def check_bad_input_raises_clear_error(entry, view):
+    """``entry``: (call, exception type, words the message must contain)."""
+    call, exc, words = entry
     with pytest.raises(exc) as info:
         call(view)
     msg = str(info.value)
     for w in words:
         assert w in msg, f"error message {msg!r} should mention {w!r}"
-
-
-@pytest.mark.parametrize("view", [F, G], ids=["R", "G"])
-def test_mean_scalar_and_empty_dims_follow_torch(view):
-    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-    for dim, keepdim in ((None, True), ((), False), ((), True)):
-        out = view.mean(x, dim, keepdim)
-        assert out.shape == x.mean(dim=dim, keepdim=keepdim).shape
-    s = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)
-    out = view.mean(s, 0)
-    assert out.shape == s.mean(0).shape
-    out.backward(torch.ones_like(out))
-    assert torch.isfinite(s.grad)
-
-
-def test_mixed_dtypes_in_gemm_rules_raise():
-    x = torch.randn(2, 4)
-    with pytest.raises(TypeError, match="weight is torch.float64"):
-        F.linear_epsilon(x, torch.randn(3, 4, dtype=torch.float64))
-    with pytest.raises(TypeError, match="bias is torch.bfloat16"):
-        G.linear_epsilon(x, torch.randn(3, 4), torch.zeros(3, dtype=torch.bfloat16))
-    with pytest.raises(TypeError, match="b is torch.float64"):
-        F.matmul(x, torch.randn(4, 3, dtype=torch.float64))
-
-
-@pytest.mark.parametrize("view", [F, G], ids=["R", "G"])
-def test_softmax_nan_logits_are_not_hidden(view):
-    """A NaN logit is a bug upstream: its row's relevance must show NaN, not a silent 0."""
-    x = torch.randn(3, 5, dtype=torch.float64)
-    x[1, 2] = float("nan")
-    x[2, :] = float("-inf")  # fully masked: still exactly 0
-    x.requires_grad_()
-    s = view.softmax(x, -1)
-    s.backward(torch.ones_like(s) if view is G else torch.nan_to_num(s.detach(), nan=0.0) + 0.1)
-    assert torch.isnan(x.grad[1]).any()
-    assert torch.isfinite(x.grad[0]).all() and (x.grad[2] == 0).all()
-
-
-def test_softmax_ignores_relevance_arriving_at_masked_entries():
-    """Masked logits are outside the softmax: R_s there must not leak into the row (SPEC masks)."""
-    torch.manual_seed(11)
-    x = torch.randn(3, 7, dtype=torch.float64)
-    x[:, 2] = float("-inf")
-    x[1, 5] = torch.finfo(torch.float64).min
-    r = torch.randn(3, 7, dtype=torch.float64)
-    r_zeroed = r.clone()
-    r_zeroed[:, 2] = 0.0
-    r_zeroed[1, 5] = 0.0
-    got = []
-    for rel in (r, r_zeroed):
-        xx = x.clone().requires_grad_()
-        F.softmax(xx, -1).backward(rel)
-        got.append(xx.grad)
-    assert torch.equal(got[0], got[1])
-    assert torch.isfinite(got[0]).all() and (got[0][:, 2] == 0).all()

@@ -1,4 +1,6 @@
-"""attnlrp_attention (eager / chunked / flash) against the float64 oracle of the composed rules.
+"""The AttnLRP attention block (lrp_kernels.ops.attention.attnlrp_attention): both views (gradient,
+``relevance=True``), both rules (attnlrp, cp-lrp) on every implementation (eager and chunked: the
+torch backend; flash: the Triton kernels) against the float64 oracle of the composed rules.
 
 CPU: the Triton kernel runs through the interpreter (small shapes, fp32, blocks of 16, so
 N = 37 / M = 45 exercise partial blocks). Tolerances: fp32 inputs vs the float64 oracle,
