@@ -1,6 +1,8 @@
 """The shipped recall-llama model: loads offline, solves its task, and AttnLRP points at the
 span that holds the answer (the attribution ground truth of this project).
 
+The expected answer and span come from each prompt itself (tests/helpers/recall.py: the value
+paired with the queried key), never from a stored string or from the generator's own answer.
 Span definition (python/train_recall_model.py: answer_span_hit): among the context tokens (the
 ``kX V ;`` pairs, without ``<bos>`` and the query ``? kQ``), the token with the largest
 relevance is one of the two tokens of the queried pair ``kQ V``.
@@ -20,6 +22,8 @@ import train_recall_model as task  # noqa: E402
 from lrp_kernels.cli.explain import SHIPPED_MODEL  # noqa: E402
 from lrp_kernels.explanations.api import explain  # noqa: E402
 
+from helpers import recall  # noqa: E402
+
 task.use_format_of(SHIPPED_MODEL)
 HELD_OUT_SEED = 20261127  # not a training seed (training streams: seed, seed + 1, seed + 2)
 
@@ -33,9 +37,37 @@ def shipped():
     return model, tok
 
 
+def metadata():
+    with open(os.path.join(SHIPPED_MODEL, "metadata.json")) as f:
+        return json.load(f)
+
+
 def held_out(n, seed=HELD_OUT_SEED, pairs=None):
+    """Held-out prompts, each as the example dict the span metrics read, with the answer and the
+    span derived from the prompt text alone."""
     rng = random.Random(seed)
-    return [task.make_prompt(rng, pairs or rng.randint(2, task.MAX_PAIRS)) for _ in range(n)]
+    return [recall.as_example(task.make_prompt(rng, pairs or rng.randint(2, task.MAX_PAIRS))["prompt"])
+            for _ in range(n)]
+
+
+def test_prompt_parser_reads_the_task():
+    """The parser finds the value paired with the queried key: on the model's own documented
+    example (metadata.json, ``prompt  ->  answer``), on prompts whose queried pair moves, and it
+    agrees with the task generator on held-out prompts."""
+    prompt, expected = (part.strip() for part in metadata()["example"].split("->"))
+    assert recall.answer(prompt) == expected
+    assert recall.answer("k4 17 ; k9 42 ; k2 8 ; ? k9") == "42"
+    assert recall.answer("k4 17 ; k9 42 ; k2 8 ; ? k4") == "17"
+    p = recall.parse("k4 = 17 ; k9 = 42 ; ? k9 =")  # the "eq" format
+    assert (p.answer, p.span_words, p.context_words) == ("42", [4, 5, 6], 8)
+    rng = random.Random(HELD_OUT_SEED + 4)
+    for _ in range(50):
+        ex = task.make_prompt(rng, rng.randint(1, task.MAX_PAIRS))
+        p = recall.parse(ex["prompt"])
+        assert (p.answer, p.pairs, p.span_words) == (ex["answer"], ex["pairs"], ex["span_words"])
+    for bad in ("k1 2 ; k3 4", "k1 2 ; k1 3 ; ? k1", "k1 2 ; ? k5", "k1 ; ? k1"):
+        with pytest.raises(ValueError):
+            recall.parse(bad)
 
 
 def test_assets_complete_and_small():
@@ -45,7 +77,7 @@ def test_assets_complete_and_small():
         assert name in files, name
     size = sum(os.path.getsize(os.path.join(SHIPPED_MODEL, f)) for f in files)
     assert size < 10 * 2**20
-    meta = json.load(open(os.path.join(SHIPPED_MODEL, "metadata.json")))
+    meta = metadata()
     assert meta["heldout_accuracy"] >= 0.95 and "command" in meta and "seed" in meta
 
 
@@ -63,7 +95,8 @@ def test_model_solves_recall(shipped):
     enc = tok([e["prompt"] for e in exs], return_tensors="pt", padding=True)
     with torch.no_grad():
         pred = model(**enc).logits[:, -1].argmax(-1)
-    acc = sum(p == e["answer"] for p, e in zip(tok.convert_ids_to_tokens(pred.tolist()), exs)) / len(exs)
+    expected = [recall.answer(e["prompt"]) for e in exs]  # the value paired with the queried key
+    acc = sum(p == want for p, want in zip(tok.convert_ids_to_tokens(pred.tolist()), expected)) / len(exs)
     assert acc >= 0.95, acc
 
 
@@ -76,21 +109,23 @@ def test_relevance_points_at_answer_span(shipped, rules):
     rate = sum(hits) / len(hits)
     assert rate >= 0.90, f"{rules}: answer span is the top context region in {rate:.0%} of prompts"
     # the explained token is the model's answer; the value token of the span is positive
-    correct = [x.target.text == e["answer"] for x, e in zip(exps, exs)]
+    correct = [x.target.text == recall.answer(e["prompt"]) for x, e in zip(exps, exs)]
     assert sum(correct) >= 95
     pos = [float(x.relevance[1 + e["span_words"][-1]]) > 0 for x, e in zip(exps, exs)]
     assert sum(pos) >= 90
 
 
 def test_cli_default_model_writes_heatmap(tmp_path, capsys):
+    """The model's documented example prompt (metadata.json): the explained target is the value
+    paired with the queried key, one heatmap token per prompt word plus ``<bos>``."""
     from lrp_kernels.cli import main
+    prompt = metadata()["example"].split("->")[0].strip()
     out = tmp_path / "heatmap.html"
-    code = main(["explain", "k7 23 ; k3 19 ; k12 5 ; ? k3", "--out", str(out),
-                 "--no-progress"])
+    code = main(["explain", prompt, "--out", str(out), "--no-progress"])
     text = capsys.readouterr().out
     assert code == 0
-    assert "target '19'" in text
-    assert out.read_text(encoding="utf-8").count('class="lrp-tok"') == 12
+    assert f"target '{recall.answer(prompt)}'" in text
+    assert out.read_text(encoding="utf-8").count('class="lrp-tok"') == 1 + len(prompt.split())
 
 
 @pytest.mark.gpu

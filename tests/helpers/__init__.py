@@ -9,5 +9,6 @@ so test modules import them as ``from helpers import oracle`` or ``from helpers.
 * :mod:`helpers.cpp`: inputs, tolerances and comparisons of the C++ norm backend tests;
 * :mod:`helpers.models`: tiny Hugging Face models of every patched family and a plain-torch
   reference of the AttnLRP rules;
-* :mod:`helpers.reference_llama`: an explicit relevance-view Llama forward.
+* :mod:`helpers.reference_llama`: an explicit relevance-view Llama forward;
+* :mod:`helpers.recall`: the shipped recall task's answer and answer span, read off a prompt.
 """
