@@ -12,7 +12,8 @@ for s in gpu_ops gpu_attention gpu_norm gpu_gamma; do
   bash "benchmarks/$s.sh" || rc=1
 done
 source benchmarks/_gpu_common.sh
-step gpu_marked_rest 300 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_grad_view.py \
-  tests/test_dispatch.py tests/test_composite.py tests/test_patch_core.py tests/test_shipped_model.py
+step gpu_marked_rest 300 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/ops/test_elementwise.py \
+  tests/ops/test_networks.py tests/backends/test_dispatch.py tests/test_composite.py tests/test_patch_core.py \
+  tests/test_shipped_model.py
 [ "$status" -eq 0 ] || rc=1
 exit $rc

@@ -13,7 +13,7 @@ mkdir -p "$LOG"
 PY=${PYTHON:-python3}
 status=0
 echo "== 1/3 GPU tests" | tee "$LOG/tests.log"
-timeout 120 $PY -m pytest tests/test_attention.py tests/test_profile.py -m gpu -q -p no:cacheprovider 2>&1 \
+timeout 120 $PY -m pytest tests/ops/test_attention.py tests/test_profile.py -m gpu -q -p no:cacheprovider 2>&1 \
   | tee -a "$LOG/tests.log" || status=1
 echo "== 2/3 flash-AttnLRP vs SDPA" | tee "$LOG/kernel.log"
 timeout 45 $PY benchmarks/bench_long_context.py --kernel --seq 4096,16384 2>&1 | tee -a "$LOG/kernel.log" || status=1

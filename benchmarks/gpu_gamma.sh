@@ -6,7 +6,8 @@
 # Logs go to "$OUT" if set, else benchmarks/out/. Exit code non-zero if any step failed.
 source "$(dirname "$0")/_gpu_common.sh"
 
-step gamma_gpu_tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_lrp_rules.py tests/test_hooks.py tests/test_vision.py
+step gamma_gpu_tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/ops/test_linear_gamma.py tests/test_lrp_rules.py \
+  tests/test_hooks.py tests/test_vision.py
 step bench_gamma 120 "$PY" benchmarks/bench_gamma.py --quick
 grep '^{' "$LOGS/bench_gamma.log" > "$LOGS/bench_gamma.jsonl" || true
 echo "gpu_gamma.sh: overall exit $status; logs in $LOGS"

@@ -10,7 +10,9 @@ source "$(dirname "$0")/_gpu_common.sh"
 
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" \
   | tee "$LOGS/env.log"
-step gpu_tests 170 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_ops.py tests/test_compare.py
+# the op files with a Triton kernel hold their CPU case tables too (~1000 quick CPU tests)
+step gpu_tests 240 "$PY" -m pytest -q -p no:cacheprovider tests/ops/test_linear_epsilon.py tests/ops/test_softmax.py \
+  tests/ops/test_matmul.py tests/backends/test_triton_backend.py tests/test_compare.py
 step compare_fp32 60 env LRP_KERNELS_TRITON_AUTOTUNE=0 "$PY" -m lrp_kernels.cli compare --device cuda --sizes 257,515,129 --dtype float32 --backends torch,triton
 step compare_bf16 60 env LRP_KERNELS_TRITON_AUTOTUNE=0 "$PY" -m lrp_kernels.cli compare --device cuda --sizes 257,515,129 --dtype bfloat16 --backends torch,triton
 # the fused GEMM's SWAP_AB tile variants are opt-in until measured: try them here first; if that
