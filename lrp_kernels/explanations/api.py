@@ -7,17 +7,22 @@ One forward and one backward per call (per generated token with ``generate=``)::
     exp.to_html("heatmap.html")
 
 How relevance is obtained (gradient view of docs/math.md): the model is patched with
-:func:`lrp_kernels.hf.patching` (AttnLRP rules, reversibly, only for the call), the input embeddings
-are made leaves, the explained quantity (a logit, a sum of logits, or a logit difference) is
-backpropagated with gradient 1, and the relevance of token ``i`` is
-``(inputs_embeds[i] * inputs_embeds.grad[i]).sum()``. With ``rules="gradient"`` the model is
-not patched: plain gradient x input, the usual baseline.
+:func:`lrp_kernels.patch` (AttnLRP rules, reversibly, only for the call; a model the caller has
+already patched is used as it is), the input embeddings are made leaves, the explained quantity
+(a logit, a sum of logits, or a logit difference) is backpropagated with gradient 1, and the
+relevance of token ``i`` is ``(inputs_embeds[i] * d quantity / d inputs_embeds[i]).sum()``.
+With ``rules="gradient"`` the model is not patched: plain gradient x input, the usual baseline
+(refused on a patched model, whose gradient *is* the LRP relevance).
+
+The model is left as it was: only the input gradient is computed (``torch.autograd.grad``), so
+parameters' ``.grad`` and ``requires_grad`` are what the caller had before the call.
 
 What is explained:
 
 * default: the most likely next token;
 * ``target=``: a token id or a token string (must be one token of the tokenizer);
 * ``contrast=``: a foil token; explains ``logit(target) - logit(foil)`` ("why A rather than B");
+  a foil equal to the target (the difference is identically 0) is an error;
 * ``continuation=``: a text appended to the prompt; explains the **sum of the logits** of its
   tokens under teacher forcing. Logits, not log-probabilities: a logit is the output of the
   last linear layer, which is what LRP's relevance conservation is defined for (the relevance
@@ -33,8 +38,8 @@ What is explained:
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -48,6 +53,8 @@ from . import heatmap as _hm
 __all__ = ["explain", "Explanation", "Target", "ExplainError", "PromptTooLongError"]
 
 TokenLike = Union[int, str]
+GRADIENT_RULES = ("gradient", "gxi", "gradient_x_input")  # plain gradient x input, no patch
+LRP_RULES = ("attnlrp", "cp-lrp")
 
 
 class ExplainError(ValueError):
@@ -153,22 +160,56 @@ class Explanation:
 
 # ----------------------------------------------------------------------------- helpers
 
-def _patch_context(model, rules: str, epsilon: float, backend: str):
-    """The AttnLRP patch for the duration of one call (nothing for plain gradient x input)."""
-    if rules in ("gradient", "gxi", "gradient_x_input"):
+def _active_patch(model):
+    """The caller's active :class:`~lrp_kernels.hf.patching.PatchHandle` on ``model``, or None."""
+    from ..hf.patching import _MARK
+    handle = vars(model).get(_MARK)
+    return handle if handle is not None and getattr(handle, "active", False) else None
+
+
+def _patch_context(model, rules: str, epsilon: Optional[float], backend: Optional[str],
+                   strict: bool):
+    """The patch for the duration of one call: none for plain gradient x input, the caller's
+    own patch when the model is already patched (never a second one), else a fresh one."""
+    handle = _active_patch(model)
+    if rules in GRADIENT_RULES:
+        if handle is not None:
+            raise ExplainError(
+                f"rules={rules!r} asks for the plain gradient, but the model is patched by "
+                f"lrp_kernels.patch (rules={handle.rules!r}), so its gradient is {handle.rules} "
+                f"relevance; call remove() on the patch handle first, or pass "
+                f"rules={handle.rules!r}")
         return contextlib.nullcontext()
+    if handle is not None:
+        wanted = [("rules", rules, handle.rules)]
+        if epsilon is not None:
+            wanted.append(("epsilon", float(epsilon), handle.epsilon))
+        if backend is not None:
+            wanted.append(("backend", backend, handle.backend_name))
+        clash = [f"{k}={want!r} (the patch has {k}={have!r})" for k, want, have in wanted
+                 if want != have]
+        if clash:
+            raise ExplainError("the model is already patched with other options: "
+                               + ", ".join(clash) + "; call remove() on the patch handle first, "
+                               "or leave these arguments out to use the patch as it is")
+        return contextlib.nullcontext(handle)
     from ..hf.patching import patch
-    wanted = {"rules": rules, "epsilon": epsilon, "backend": backend}
+    return patch(model, rules=rules, epsilon=DEFAULT_EPSILON if epsilon is None else epsilon,
+                 backend=backend or "auto", strict=strict)
+
+
+@contextlib.contextmanager
+def _keep_parameters(model):
+    """Give every parameter back its ``.grad`` object and ``requires_grad`` flag on exit."""
+    saved = [(p, p.grad, p.requires_grad) for p in model.parameters()]
     try:
-        params = inspect.signature(patch).parameters
-        has_var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
-        kwargs = {k: v for k, v in wanted.items() if has_var_kw or k in params}
-    except (TypeError, ValueError):
-        kwargs = wanted
-    handle = patch(model, **kwargs)
-    if hasattr(handle, "__enter__"):
-        return handle
-    return contextlib.nullcontext(handle)
+        yield
+    finally:
+        for p, grad, flag in saved:
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
+            if p.grad is not grad:
+                p.grad = grad
 
 
 def _backend_context(backend: Optional[str]):
@@ -277,11 +318,50 @@ def _forward(model, embeds, mask, keep: int):
 
 # ----------------------------------------------------------------------------- main entry
 
+def _check_prompts(prompt_or_prompts) -> List[str]:
+    """The prompts as a list; ExplainError naming ``prompt_or_prompts`` for anything else."""
+    what = "prompt_or_prompts must be a string or a non-empty list of strings"
+    if isinstance(prompt_or_prompts, str):
+        prompts, single = [prompt_or_prompts], True
+    elif prompt_or_prompts is None or isinstance(prompt_or_prompts, (bytes, dict)):
+        raise ExplainError(f"{what}, got {type(prompt_or_prompts).__name__}")
+    else:
+        try:
+            prompts, single = list(prompt_or_prompts), False
+        except TypeError:
+            raise ExplainError(f"{what}, got {type(prompt_or_prompts).__name__}") from None
+        if not prompts:
+            raise ExplainError(f"{what}, got an empty {type(prompt_or_prompts).__name__}")
+    for i, p in enumerate(prompts):
+        name = "prompt_or_prompts" if single else f"prompt_or_prompts[{i}]"
+        if not isinstance(p, str):
+            raise ExplainError(f"{what}; {name} is a {type(p).__name__}")
+        if not p:
+            raise ExplainError(f"{name} is an empty string: there is nothing to explain")
+    return prompts
+
+
+def _check_options(rules, epsilon, max_length, strict) -> None:
+    if rules not in LRP_RULES + GRADIENT_RULES:
+        raise ExplainError(f"rules must be one of {LRP_RULES + GRADIENT_RULES}, got {rules!r}")
+    if epsilon is not None and (isinstance(epsilon, bool) or not isinstance(epsilon, (int, float))
+                                or not math.isfinite(epsilon) or epsilon <= 0):
+        raise ExplainError(f"epsilon must be a finite number > 0 (0 makes 0/0 = NaN at zero "
+                           f"outputs), got {epsilon!r}")
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                   or max_length < 1):
+        raise ExplainError(f"max_length must be a positive number of tokens or None, "
+                           f"got {max_length!r}")
+    if not isinstance(strict, bool):
+        raise ExplainError(f"strict must be True or False, got {strict!r}")
+
+
 def explain(model, tokenizer, prompt_or_prompts: Union[str, Sequence[str]],
             target: Optional[Union[TokenLike, Sequence[TokenLike]]] = None, *,
             continuation: Optional[str] = None, contrast: Optional[TokenLike] = None,
-            generate: Optional[int] = None, rules: str = "attnlrp", epsilon: float = DEFAULT_EPSILON,
-            backend: str = "auto", max_length: Optional[int] = None,
+            generate: Optional[int] = None, rules: str = "attnlrp",
+            epsilon: Optional[float] = None, backend: Optional[str] = None,
+            max_length: Optional[int] = None, strict: bool = True,
             device: Optional[Union[str, torch.device]] = None, latent: bool = False,
             progress: Optional[Callable[[int, int], None]] = None
             ) -> Union[Explanation, List[Explanation]]:
@@ -289,17 +369,28 @@ def explain(model, tokenizer, prompt_or_prompts: Union[str, Sequence[str]],
 
     Returns one :class:`Explanation` for a single prompt, a list for a list of prompts or for
     ``generate=n`` (one per generated token). ``rules``: ``"attnlrp"`` (default, through
-    :func:`lrp_kernels.hf.patching`) or ``"gradient"`` (unpatched gradient x input). ``backend``:
-    ``"auto"``, ``"torch"``, ``"cpp"`` or ``"triton"``. ``max_length`` caps the prompt length in
-    tokens (default: the model's context); longer prompts raise :class:`PromptTooLongError`.
-    ``device`` moves the model there first. ``latent=True`` also returns the relevance of every
-    hidden state (embedding output and each layer), summed over the hidden dimension.
+    :func:`lrp_kernels.patch`), ``"cp-lrp"`` or ``"gradient"`` (unpatched gradient x input;
+    an error on a model that is already patched). ``epsilon`` (a finite number > 0, default
+    ``DEFAULT_EPSILON``), ``backend`` (``"auto"`` (default), ``"torch"``, ``"cpp"`` or
+    ``"triton"``) and ``strict`` go to :func:`lrp_kernels.patch`; a model the caller has
+    already patched is used as it is (left out, ``epsilon`` and ``backend`` are the patch's;
+    given and different, an error). ``max_length`` caps the prompt length in tokens (default:
+    the model's context); longer prompts raise :class:`PromptTooLongError`. ``device`` moves
+    the model there first. ``latent=True`` also returns the relevance of every hidden state
+    (embedding output and each layer), summed over the hidden dimension.
     ``progress(done, total)`` is called after each generated token.
+
+    Bad arguments raise :class:`ExplainError` (a ``ValueError``) naming the argument: a prompt
+    that is not a string or is empty, a target or contrast that is not one token, a contrast
+    equal to the target, a non-finite or non-positive ``epsilon``. The parameters' ``.grad``
+    and ``requires_grad`` are left as they were.
     """
+    prompts = _check_prompts(prompt_or_prompts)
+    _check_options(rules, epsilon, max_length, strict)
     if device is not None:
         model.to(device)
-    if not isinstance(epsilon, (int, float)) or not epsilon > 0:
-        raise ExplainError(f"epsilon must be a positive number, got {epsilon!r}")
+    opts = dict(rules=rules, epsilon=epsilon, backend=backend, max_length=max_length,
+                strict=strict, latent=latent)
     if generate is not None:
         if not isinstance(prompt_or_prompts, str):
             raise ExplainError("generate= explains one prompt; got a batch of prompts")
@@ -308,21 +399,20 @@ def explain(model, tokenizer, prompt_or_prompts: Union[str, Sequence[str]],
                                "target=, continuation= or contrast=")
         if not isinstance(generate, int) or generate < 1:
             raise ExplainError(f"generate must be a positive number of tokens, got {generate!r}")
-        return _explain_generation(model, tokenizer, prompt_or_prompts, generate, rules=rules,
-                                   epsilon=epsilon, backend=backend, max_length=max_length,
-                                   latent=latent, progress=progress)
+        with _keep_parameters(model):
+            return _explain_generation(model, tokenizer, prompt_or_prompts, generate,
+                                       progress=progress, **opts)
     single = isinstance(prompt_or_prompts, str)
-    prompts = [prompt_or_prompts] if single else list(prompt_or_prompts)
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ExplainError("prompt_or_prompts must be a string or a non-empty list of strings")
     if continuation is not None and target is not None:
         raise ExplainError("give either target= or continuation=, not both")
     targets = list(target) if isinstance(target, (list, tuple)) else [target] * len(prompts)
     if len(targets) != len(prompts):
         raise ExplainError(f"got {len(targets)} targets for {len(prompts)} prompts")
-    exps = _explain_batch(model, tokenizer, prompts, targets, continuation=continuation,
-                          contrast=contrast, rules=rules, epsilon=epsilon, backend=backend,
-                          max_length=max_length, latent=latent)
+    if continuation is not None and (not isinstance(continuation, str) or not continuation):
+        raise ExplainError(f"continuation must be a non-empty string, got {continuation!r}")
+    with _keep_parameters(model):
+        exps = _explain_batch(model, tokenizer, prompts, targets, continuation=continuation,
+                              contrast=contrast, **opts)
     return exps[0] if single else exps
 
 
@@ -334,22 +424,34 @@ def _encode(tokenizer, prompts: List[str]):
     return ids, offsets
 
 
-def _explain_batch(model, tokenizer, prompts, targets, *, continuation, contrast, rules,
-                   epsilon, backend, max_length, latent, prompt_ids=None) -> List[Explanation]:
-    dev = next(model.parameters()).device
-    if prompt_ids is None:
-        ids, offsets = _encode(tokenizer, prompts)
-    else:
-        ids, offsets = prompt_ids, [None] * len(prompt_ids)
-    for i, row in enumerate(ids):
-        if not row:
-            raise ExplainError(f"prompt {i} is empty after tokenization")
-    for text in (prompts or []) + ([continuation] if continuation else []):
+def _warn_unknown(tokenizer, texts: Sequence[str]) -> None:
+    for text in texts:
         unknown = unknown_pieces(tokenizer, text)
         if unknown:
             warnings.warn(f"the tokenizer does not know {unknown[:5]} (mapped to "
                           f"{tokenizer.unk_token!r}); their relevance is that of the unknown token",
-                          stacklevel=3)
+                          stacklevel=4)
+
+
+def _check_tokens(tokenizer, ids: List[List[int]]) -> None:
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    for i, row in enumerate(ids):
+        if not row or all(t in special for t in row):
+            name = "the prompt" if len(ids) == 1 else f"prompt {i}"
+            raise ExplainError(f"{name} has no tokens after tokenization (only special tokens "
+                               "such as <bos>): there is nothing to explain")
+
+
+def _explain_batch(model, tokenizer, prompts, targets, *, continuation, contrast, rules,
+                   epsilon, backend, max_length, latent, strict=True,
+                   prompt_ids=None) -> List[Explanation]:
+    dev = next(model.parameters()).device
+    if prompt_ids is None:
+        ids, offsets = _encode(tokenizer, prompts)
+        _check_tokens(tokenizer, ids)
+        _warn_unknown(tokenizer, list(prompts) + ([continuation] if continuation else []))
+    else:  # generation: checked once by the caller
+        ids, offsets = prompt_ids, [None] * len(prompt_ids)
     cont_ids: List[int] = []
     if continuation is not None:
         cont_ids = list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
@@ -365,6 +467,9 @@ def _explain_batch(model, tokenizer, prompts, targets, *, continuation, contrast
                 f"{limit} (the model's context or max_length)")
     tgt_ids = [None if t is None else resolve_token(tokenizer, t) for t in targets]
     foil_id = None if contrast is None else resolve_token(tokenizer, contrast, "contrast")
+    if foil_id is not None and (foil_id in tgt_ids or cont_ids == [foil_id]):
+        raise ExplainError(f"contrast {contrast!r} is the target token itself: logit(target) - "
+                           "logit(contrast) is 0 and so is every relevance; pick another foil")
 
     # left-padded batch: all prompts end at the same column, so the last positions line up.
     # The last continuation token is only predicted, never an input.
@@ -376,7 +481,8 @@ def _explain_batch(model, tokenizer, prompts, targets, *, continuation, contrast
 
     keep = max(1, len(cont_ids))  # positions that predict the explained tokens
     emb_layer = model.get_input_embeddings()
-    with _patch_context(model, rules, epsilon, backend), _backend_context(backend), torch.enable_grad():
+    with _patch_context(model, rules, epsilon, backend, strict), _backend_context(backend), \
+            torch.enable_grad():
         embeds = emb_layer(input_ids).detach().requires_grad_(True)
         hidden = []
         if latent:
@@ -385,8 +491,6 @@ def _explain_batch(model, tokenizer, prompts, targets, *, continuation, contrast
                         output_hidden_states=True, logits_to_keep=keep)
             logits = out.logits[:, -keep:]
             hidden = list(out.hidden_states)
-            for h in hidden:
-                h.retain_grad()
         else:
             logits = _forward(model, embeds, mask, keep)
         logits32 = logits.float()
@@ -408,6 +512,14 @@ def _explain_batch(model, tokenizer, prompts, targets, *, continuation, contrast
             t_logit = objective.detach()
             t_prob = logp[:, -1][rows, pick].exp()
             t_ids = [[int(p)] for p in pick.tolist()]
+            same = [i for i, (t, p) in enumerate(zip(tgt_ids, t_ids)) if t is None and p == [foil_id]]
+            if foil_id is not None and same:
+                row = same[0]
+                raise ExplainError(
+                    f"contrast {contrast!r} is the predicted token"
+                    f"{'' if len(full) == 1 else f' of prompt {row}'}, which is the default "
+                    "target: logit(target) - logit(contrast) is 0 and so is every relevance; "
+                    "give target= explicitly")
         if foil_id is not None:
             f_pos = -1 if not cont_ids else -keep
             objective = objective - logits32[:, f_pos, foil_id]
@@ -415,10 +527,13 @@ def _explain_batch(model, tokenizer, prompts, targets, *, continuation, contrast
         if not torch.isfinite(objective).all():
             raise ExplainError("the model produced a non-finite logit for the target; "
                                "check the model weights and dtype")
-        # one backward for the whole batch: the rows are independent
-        objective.sum().backward()
+        # one backward for the whole batch: the rows are independent. Only the input (and
+        # hidden-state) gradients are computed: parameters' .grad stay as the caller had them.
+        wrt = [embeds] + [h for h in hidden if h.requires_grad]
+        grads = torch.autograd.grad(objective.sum(), wrt, allow_unused=True)
+        hidden_grad = {id(h): g for h, g in zip(wrt[1:], grads[1:])}
 
-    grad = embeds.grad
+    grad = grads[0] if grads[0] is not None else torch.zeros_like(embeds)
     raw = (embeds.detach().float() * grad.float()).sum(-1)
     # masked (padding) keys get no attention, hence no relevance; the mask below only removes
     # rounding noise, and the raw value is reported so this stays checkable
@@ -429,8 +544,9 @@ def _explain_batch(model, tokenizer, prompts, targets, *, continuation, contrast
                            "epsilon")
     lat = None
     if latent:
-        lat = torch.stack([(h.detach().float() * h.grad.float()).sum(-1) if h.grad is not None
-                           else torch.zeros_like(rel) for h in hidden], 1) * mask[:, None]
+        lat = torch.stack([(h.detach().float() * hidden_grad[id(h)].float()).sum(-1)
+                           if hidden_grad.get(id(h)) is not None else torch.zeros_like(rel)
+                           for h in hidden], 1) * mask[:, None]
     exps = []
     for i, row in enumerate(ids):
         pad = width - len(full[i])
@@ -451,14 +567,19 @@ def _explain_batch(model, tokenizer, prompts, targets, *, continuation, contrast
             meta={"objective": "sum of continuation logits" if cont_ids else
                   ("logit difference" if foil_id is not None else "logit"),
                   "padding_relevance": float(pad_rel[i])}))
-    for p in model.parameters():  # the backward filled parameter grads: leave the model clean
-        p.grad = None
+    zero = [i for i in range(len(ids)) if float(t_logit[i]) != 0 and not rel[i].any()]
+    if zero:
+        warnings.warn(f"every relevance is exactly 0 for prompt(s) {zero} although the explained "
+                      "value is not: it does not depend on the input embeddings through this "
+                      "model's gradient", stacklevel=3)
     return exps
 
 
 def _explain_generation(model, tokenizer, prompt, n, *, rules, epsilon, backend, max_length,
-                        latent, progress) -> List[Explanation]:
+                        latent, strict, progress) -> List[Explanation]:
     ids, offsets = _encode(tokenizer, [prompt])
+    _check_tokens(tokenizer, ids)
+    _warn_unknown(tokenizer, [prompt])
     row = ids[0]
     limit = _context_limit(model, max_length)
     if limit is not None and len(row) + n - 1 > limit:
@@ -470,7 +591,7 @@ def _explain_generation(model, tokenizer, prompt, n, *, rules, epsilon, backend,
     for step in range(n):
         exp = _explain_batch(model, tokenizer, [prompt], [None], continuation=None, contrast=None,
                              rules=rules, epsilon=epsilon, backend=backend, max_length=max_length,
-                             latent=latent, prompt_ids=[row])[0]
+                             latent=latent, strict=strict, prompt_ids=[row])[0]
         exp.tokens = base_tokens + _appended_display(tokenizer, ids[0], row[len(ids[0]):])
         exp.prompt = prompt
         exp.meta["generation_step"] = step

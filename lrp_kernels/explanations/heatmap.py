@@ -8,6 +8,8 @@ concatenation is the text to show, so spaces and newlines are kept exactly.
 from __future__ import annotations
 
 import html
+import math
+import numbers
 import os
 import re
 import shutil
@@ -62,6 +64,28 @@ def _check(tokens: Sequence[str], relevance) -> Tuple[List[str], List[float]]:
     return tokens, rel
 
 
+def _positive_number(name: str, value) -> float:
+    """``value`` as a float if it is a finite number > 0 (a 0-d tensor too), else ValueError."""
+    try:
+        number = None if isinstance(value, (bool, str)) else float(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or not math.isfinite(number) or number <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return number
+
+
+def _check_scale(scale) -> None:
+    """``scale`` is None (max |relevance|) or a finite number > 0 (0 would hide everything)."""
+    if scale is not None:
+        _positive_number("scale", scale)
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
 def _normalise(rel: List[float], scale: Optional[float]) -> Tuple[List[float], float]:
     m = float(scale) if scale is not None else max((abs(r) for r in rel), default=0.0)
     if m <= 0:
@@ -93,7 +117,9 @@ background:linear-gradient(to right,rgb(0,0,255),rgb(255,255,255),rgb(255,0,0))}
 def html_heatmap(tokens: Sequence[str], relevance, *, title: Optional[str] = None,
                  target: Optional[str] = None, scale: Optional[float] = None,
                  full_document: bool = True) -> str:
-    """Self-contained HTML (no script, no network): coloured tokens, value on hover, legend."""
+    """Self-contained HTML (no script, no network): coloured tokens, value on hover, legend.
+    ``scale``: the |relevance| drawn at full colour (default: the largest), a finite number > 0."""
+    _check_scale(scale)
     tokens, rel = _check(tokens, relevance)
     norm, m = _normalise(rel, scale)
     spans = []
@@ -134,6 +160,9 @@ def tex_escape(text: str) -> str:
 def tex_heatmap(tokens: Sequence[str], relevance, *, backend: str = "xelatex",
                 target: Optional[str] = None, scale: Optional[float] = None) -> str:
     """LaTeX source of the heatmap (one ``\\colorbox`` per token; spaces and newlines kept)."""
+    if backend not in ("xelatex", "pdflatex"):
+        raise ValueError(f"backend must be 'xelatex' or 'pdflatex', got {backend!r}")
+    _check_scale(scale)
     tokens, rel = _check(tokens, relevance)
     norm, m = _normalise(rel, scale)
     pre = [r"\documentclass[12pt]{article}", r"\usepackage[margin=2cm]{geometry}",
@@ -199,7 +228,12 @@ def pdf_heatmap(tokens: Sequence[str], relevance, path: str, *, backend: str = "
 
 def png_heatmap(tokens: Sequence[str], relevance, path: str, *, target: Optional[str] = None,
                 scale: Optional[float] = None, width_chars: int = 90, dpi: int = 150) -> str:
-    """Write a PNG heatmap with matplotlib (monospace layout, wrapped at ``width_chars``)."""
+    """Write a PNG heatmap with matplotlib (monospace layout, wrapped at ``width_chars``, a
+    positive integer; ``dpi`` a finite number > 0). Arguments are checked before anything is
+    drawn: ``ValueError`` naming the argument."""
+    _check_scale(scale)
+    _check_positive_int("width_chars", width_chars)
+    _positive_number("dpi", dpi)
     tokens, rel = _check(tokens, relevance)
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg

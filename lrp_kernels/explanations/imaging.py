@@ -9,6 +9,7 @@ between the cells of a grid. Needs numpy and Pillow (Pillow comes with matplotli
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Tuple
 
 import numpy as np
@@ -29,9 +30,23 @@ def _to_numpy(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
+def _check_limit(name: str, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                              or not math.isfinite(value)):
+        raise ValueError(f"{name} must be None or a finite number, got {value!r}")
+
+
+def _check_int(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        what = "a positive integer" if low == 1 else f"an integer >= {low}"
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
 def diverging_colors(values: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
     """``values`` -> uint8 RGB (``[..., 3]``): ``vmin`` blue, the middle white, ``vmax`` red.
     Values outside ``[vmin, vmax]`` are clipped; NaN is an error (never a silent colour)."""
+    _check_limit("vmin", vmin)
+    _check_limit("vmax", vmax)
     values = np.asarray(values, dtype=np.float64)
     if np.isnan(values).any():
         raise ValueError("heatmap contains NaN")
@@ -62,7 +77,17 @@ def heatmap_grid(heatmaps, grid: Optional[Tuple[int, int]] = None, pad: int = 2,
                  vmin: Optional[float] = None, vmax: Optional[float] = None,
                  symmetric: bool = True) -> np.ndarray:
     """uint8 RGB array of the heatmaps laid out row-major in ``grid = (rows, cols)``
-    (default: as square as possible), ``pad`` white pixels between cells."""
+    (default: as square as possible), ``pad`` white pixels between cells. Bad numbers
+    (a non-positive grid, a negative pad, a non-finite vmin / vmax) are a ``ValueError``
+    naming the argument, before any work."""
+    _check_int("pad", pad, 0)
+    _check_limit("vmin", vmin)
+    _check_limit("vmax", vmax)
+    if grid is not None:
+        if not isinstance(grid, (tuple, list)) or len(grid) != 2:
+            raise ValueError(f"grid must be (rows, cols), got {grid!r}")
+        _check_int("grid rows", grid[0], 1)
+        _check_int("grid cols", grid[1], 1)
     stack = _stack(heatmaps)
     n, h, w = stack.shape
     if grid is None:
@@ -92,8 +117,7 @@ def imgify(heatmaps, vmin: Optional[float] = None, vmax: Optional[float] = None,
     """A ``PIL.Image`` of one heatmap or a grid of them (see :func:`heatmap_grid`);
     ``scale`` enlarges each pixel to ``scale x scale`` (nearest neighbour)."""
     from PIL import Image
-    if not isinstance(scale, int) or scale < 1:
-        raise ValueError(f"scale must be a positive integer, got {scale!r}")
+    _check_int("scale", scale, 1)
     arr = heatmap_grid(heatmaps, grid=grid, pad=pad, vmin=vmin, vmax=vmax, symmetric=symmetric)
     if scale > 1:
         arr = arr.repeat(scale, axis=0).repeat(scale, axis=1)
