@@ -2,14 +2,21 @@
 
 Each subcommand lives in its own module of this package and exposes
 ``add_parser(subparsers) -> argparse.ArgumentParser`` whose parser sets ``func(args) -> int``.
-User mistakes raise :class:`CLIError`: printed as one line, exit code 2, no traceback.
+
+Exit codes: 0 success, 1 a check failed (``compare``), 2 a user mistake, 130 interrupted.
+A user mistake (bad argument, missing path, unusable model folder, bad ``LRP_KERNELS_BACKEND``)
+is reported as exactly one line on stderr, ``lrp-kernels COMMAND: error: ...``, never a
+traceback; subcommands raise :class:`CLIError` for them. Anything else is a bug and keeps its
+traceback. Warnings are printed as one line each, ``lrp-kernels COMMAND: warning: ...``.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import sys
-from typing import Optional, Sequence
+import warnings
+from typing import Callable, Optional, Sequence
 
 # module name (in this package) per subcommand, in --help order
 SUBCOMMANDS = ("explain", "compare", "profile", "build_ext", "info")
@@ -19,11 +26,65 @@ class CLIError(Exception):
     """A user mistake: reported as one line and a non-zero exit."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``PROG: error: MESSAGE (see PROG --help)``, exit 2.
+
+    (argparse's default prints the usage block first; subparsers inherit this class.)"""
+
+    def error(self, message):  # type: ignore[override]
+        message = " ".join(str(message).split())
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# ---- argparse types: the error names the option (argparse adds "argument --name:") -------------
+
+def int_at_least(low: int, high: Optional[int] = None) -> Callable[[str], int]:
+    """argparse type: an integer ``>= low`` (and ``<= high`` when given)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bound = f"between {low} and {high}" if high is not None else \
+                ("a positive integer" if low == 1 else f"an integer >= {low}")
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+    parse.__name__ = "int"
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (an LRP stabiliser of 0 gives 0/0 = NaN)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+positive_float.__name__ = "float"
+
+
+def _check_backend_env() -> Optional[str]:
+    """The problem with ``LRP_KERNELS_BACKEND``, or ``None`` when it is unset or valid."""
+    from ..backends.dispatch import current_backend
+    try:
+        current_backend()
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lrp-kernels",
         description="Layer-wise Relevance Propagation (AttnLRP) for PyTorch transformers: "
-                    "explain model outputs, compare backends, profile long contexts.")
+                    "explain model outputs, compare backends, profile long contexts.",
+        epilog="exit codes: 0 success, 1 a check failed (compare), 2 a user mistake (one line "
+               "on stderr), 130 interrupted")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
         try:
@@ -36,16 +97,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings(command: str):
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = " ".join(str(message).split())
+        print(f"lrp-kernels {command}: warning: {text}", file=sys.stderr)
+    return show
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line; returns the exit code (argparse's exits included)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as err:  # --help (0) or a usage error (2, already printed as one line)
+        return err.code if isinstance(err.code, int) else (0 if err.code is None else 2)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        if args.command != "info":  # info reports it among everything else
+            problem = _check_backend_env()
+            if problem:
+                raise CLIError(f"{problem} (unset it or pick a valid backend)")
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warnings(args.command)
+            return int(args.func(args) or 0)
     except CLIError as err:
-        print(f"lrp-kernels {args.command}: error: {err}", file=sys.stderr)
+        text = " ".join(str(err).split())
+        print(f"lrp-kernels {args.command}: error: {text}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lrp-kernels: interrupted", file=sys.stderr)

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from . import CLIError
+from . import CLIError, int_at_least
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -31,7 +31,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available, else cpu)")
     p.add_argument("--ops", default=None, help="comma-separated kernel ops (default: all)")
     p.add_argument("--backends", default=None, help="comma-separated backends (default: all available)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=int_at_least(0, 2**63 - 1), default=0,
+                   help="random seed, 0 <= seed < 2**63 (default 0)")
     p.add_argument("--interpret", dest="interpret", action="store_true", default=True,
                    help="on CPU, run Triton kernels through the interpreter (default; sets TRITON_INTERPRET=1)")
     p.add_argument("--no-interpret", dest="interpret", action="store_false",

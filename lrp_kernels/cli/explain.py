@@ -6,7 +6,7 @@ import os
 import sys
 
 from ..ops._common import DEFAULT_EPSILON
-from . import CLIError
+from . import CLIError, int_at_least, positive_float
 
 SHIPPED_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                              "assets", "recall-llama")
@@ -19,6 +19,10 @@ examples:
   echo "k1 5 ; k4 8 ; ? k1" | lrp-kernels explain - --out heatmap.json
   lrp-kernels explain --file prompt.txt --model path/or/hub-id --generate 5 --out gen.html
   lrp-kernels explain "k2 7 ; k9 3 ; ? k2" --target 7 --contrast 3
+
+A hub id loads from the local Hugging Face cache when the hub is not reachable (or
+HF_HUB_OFFLINE=1); a model type without AttnLRP rules is an error unless --no-strict.
+Exit code 2 and one line on stderr for any mistake in the arguments or the model folder.
 
 The default model is the tiny key-value recall Llama shipped with lrp_kernels
 (prompts like "k7 23 ; k3 19 ; ? k3", answer "19": the value of the queried key).
@@ -44,7 +48,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     tg.add_argument("--continuation", help="a text after the prompt; explains the sum of its "
                                            "tokens' logits")
     tg.add_argument("--contrast", help="a foil token (string or id:N): explain logit(target) - logit(foil)")
-    tg.add_argument("--generate", type=int, metavar="N",
+    tg.add_argument("--generate", type=int_at_least(1), metavar="N",
                     help="generate N tokens greedily and explain each")
     p.add_argument("--out", help="write the heatmap: .html, .pdf (needs xelatex/pdflatex), "
                                  ".png (needs matplotlib) or .json")
@@ -55,11 +59,17 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="model dtype (default: float32)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if "
                                                   "available, else cpu)")
-    p.add_argument("--max-length", type=int, default=None,
+    p.add_argument("--max-length", type=int_at_least(1), default=None, metavar="N",
                    help="refuse prompts longer than this many tokens (default: model context)")
-    p.add_argument("--epsilon", type=float, default=DEFAULT_EPSILON,
-                   help=f"LRP stabiliser (default: {DEFAULT_EPSILON:g})")
-    p.add_argument("--top", type=int, default=5, help="how many top tokens to print (default: 5)")
+    p.add_argument("--epsilon", type=positive_float, default=DEFAULT_EPSILON,
+                   help=f"LRP stabiliser, a finite number > 0 (default: {DEFAULT_EPSILON:g})")
+    p.add_argument("--strict", dest="strict", action="store_true", default=True,
+                   help="refuse a model with parts that have no AttnLRP rule (default)")
+    p.add_argument("--no-strict", dest="strict", action="store_false",
+                   help="patch what has a rule and keep plain gradients elsewhere (a warning "
+                        "names those parts; the explanation is then only partly AttnLRP)")
+    p.add_argument("--top", type=int_at_least(0), default=5, metavar="K",
+                   help="how many top tokens to print (default: 5)")
     p.add_argument("--pdf-backend", default="xelatex", choices=("xelatex", "pdflatex"))
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -124,28 +134,33 @@ def _parse_token(value, option: str):
 
 
 def load(model_id: str, tokenizer_id: str, dtype: str, device: str, progress: bool):
-    """Model and tokenizer; one-line CLIError for a missing path or an unloadable model."""
+    """Model and tokenizer; one-line CLIError for a missing path, a folder that is not a causal
+    LM, an unreachable hub or an unloadable model."""
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ._models import first_line, load_config, resolve
 
     # our own messages only: no weight-loading bars, no tokenizer length warnings (we check)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 
-    # hub ids look like "org/name"; anything else path-like must be an existing folder
-    looks_local = (os.path.isabs(model_id) or model_id.startswith((".", "~"))
-                   or model_id.count("/") > 1 or os.path.exists(model_id))
-    model_id = os.path.expanduser(model_id)
-    if looks_local and not os.path.isdir(model_id):
-        raise CLIError(f"--model {model_id!r}: no such folder")
+    # every reason the folder is unusable, before the weights
+    _, model_path, model_local = load_config(model_id, "--model")
+    tok_option = "--tokenizer" if tokenizer_id != model_id else "--model"
+    tok_path, tok_local = (model_path, model_local) if tokenizer_id == model_id \
+        else resolve(tokenizer_id, "--tokenizer")
     try:
-        tok = AutoTokenizer.from_pretrained(tokenizer_id)
-        model = AutoModelForCausalLM.from_pretrained(model_id,
-                                                     dtype=getattr(torch, dtype))
+        tok = AutoTokenizer.from_pretrained(tok_path, local_files_only=tok_local)
+    except (OSError, ValueError, TypeError) as err:
+        hint = "" if tok_option == "--tokenizer" else "; give one with --tokenizer"
+        raise CLIError(f"cannot load the tokenizer of {tokenizer_id!r}: {first_line(err)}{hint}") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype),
+                                                     local_files_only=model_local)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CLIError(f"cannot load model {model_id!r}: {first}") from None
+        raise CLIError(f"cannot load model {model_id!r}: {first_line(err)}") from None
     model.to(device).eval()
     return model, tok
 
@@ -158,10 +173,8 @@ def run(args) -> int:
     prompt = _read_prompt(args)
     if args.out:
         _check_out(args.out, args.pdf_backend)
-    if args.generate is not None and args.generate < 1:
-        raise CLIError(f"--generate must be a positive number of tokens, got {args.generate}")
-    if args.max_length is not None and args.max_length < 1:
-        raise CLIError(f"--max-length must be positive, got {args.max_length}")
+    if args.continuation is not None and not args.continuation.strip():
+        raise CLIError("--continuation is empty")
     if args.continuation is not None and args.target is not None:
         raise CLIError("give either --target or --continuation, not both")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -174,10 +187,12 @@ def run(args) -> int:
                       not args.no_progress)
 
     from ..explanations.api import unknown_pieces
-    unknown = unknown_pieces(tok, prompt)
-    if unknown:
-        raise CLIError(f"the model's tokenizer does not know {', '.join(map(repr, unknown[:5]))} "
-                       f"in the prompt (it would become {tok.unk_token!r})")
+    for what, text in (("the prompt", prompt), ("--continuation", args.continuation)):
+        unknown = unknown_pieces(tok, text) if text is not None else []
+        if unknown:
+            raise CLIError(f"the model's tokenizer does not know "
+                           f"{', '.join(map(repr, unknown[:5]))} in {what} (it would become "
+                           f"{tok.unk_token!r})")
     bar = None
     progress = None
     if args.generate and not args.no_progress:
@@ -191,13 +206,17 @@ def run(args) -> int:
             model, tok, prompt, _parse_token(args.target, '--target'), continuation=args.continuation,
             contrast=_parse_token(args.contrast, '--contrast'), generate=args.generate, rules=args.rules,
             epsilon=args.epsilon, backend=args.backend, max_length=args.max_length,
-            progress=progress)
+            strict=args.strict, progress=progress)
     except ExplainError as err:
         raise CLIError(str(err)) from None
     except Exception as err:
         from ..backends.dispatch import BackendUnavailableError
+        from ..hf.patching import UnsupportedModelError
+        from ._models import unsupported_message
         if isinstance(err, BackendUnavailableError):
             raise CLIError(f"--backend {args.backend}: {err}") from None
+        if isinstance(err, UnsupportedModelError):
+            raise CLIError(f"--model {model_id!r}: {unsupported_message(err)}") from None
         raise
     finally:
         if bar is not None:

@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 
-from . import CLIError
+from . import CLIError, int_at_least
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
            "float16": "float16", "fp16": "float16"}
@@ -26,7 +26,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=sorted(_DTYPES),
                    help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
-    p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    p.add_argument("--batch", type=int_at_least(1), default=1, help="batch size (default 1)")
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "cpp", "triton"),
                    help="rule backend of the patch (default auto)")
     p.add_argument("--rules", default="attnlrp", choices=("attnlrp", "cp-lrp"))
@@ -53,23 +53,34 @@ def run(args) -> int:
     from ..tools.profile import NAMED_MODELS, build_model, format_table, profile
 
     lens = _seq_lens(args.seq)
-    if args.batch <= 0:
-        raise CLIError(f"--batch must be positive, got {args.batch}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise CLIError("--device cuda: no CUDA device is available here")
     if not (device == "cpu" or device.startswith("cuda")):
         raise CLIError(f"--device must be cpu or cuda[:i], got {device!r}")
-    if args.model not in NAMED_MODELS and not os.path.isdir(args.model):
-        raise CLIError(f"--model must be a local model directory or one of {sorted(NAMED_MODELS)}, "
-                       f"got {args.model!r}")
+    if args.model not in NAMED_MODELS:
+        if not os.path.isdir(args.model):
+            raise CLIError(f"--model must be a local model directory or one of "
+                           f"{sorted(NAMED_MODELS)}, got {args.model!r}")
+        from ._models import load_config
+        load_config(args.model, "--model")  # no config / model_type / causal-LM head: one line
     dtype = getattr(torch, _DTYPES[args.dtype]) if args.dtype else None
     try:
         model = build_model(args.model, device=device, dtype=dtype, max_len=max(lens))
-    except OSError as err:
-        raise CLIError(f"could not load --model {args.model!r}: {err}") from None
-    rows = profile(model, lens, batch=args.batch, checkpointing=args.checkpointing,
-                   backend=args.backend, rules=args.rules, progress=not args.no_progress)
+    except (OSError, ValueError) as err:
+        from ._models import first_line
+        raise CLIError(f"could not load --model {args.model!r}: {first_line(err)}") from None
+    from ..backends.dispatch import BackendUnavailableError
+    from ..hf.patching import UnsupportedModelError
+    try:
+        rows = profile(model, lens, batch=args.batch, checkpointing=args.checkpointing,
+                       backend=args.backend, rules=args.rules, progress=not args.no_progress)
+    except UnsupportedModelError as err:
+        from ._models import unsupported_message
+        raise CLIError(f"--model {args.model!r}: {unsupported_message(err, flag=None)} "
+                       "(profile measures a fully patched model)") from None
+    except BackendUnavailableError as err:
+        raise CLIError(f"--backend {args.backend}: {err}") from None
     if args.json:
         for r in rows:
             print(json.dumps({"model": args.model, **r}), flush=True)
