@@ -57,8 +57,8 @@ def test_patched_llama_records_every_rule(attention, n_tokens, attention_ops):
 
 def test_a_broken_rule_in_a_patched_model_is_named(monkeypatch):
     """A port whose linear rule loses 10 % of the relevance: the check names the first one."""
-    real = dispatch._REGISTRY["linear_epsilon_backward"]["torch"].fn
-    monkeypatch.setitem(dispatch._REGISTRY["linear_epsilon_backward"], "torch",
+    real = dispatch._REGISTRY["linear_epsilon_backward_factored"]["torch"].fn
+    monkeypatch.setitem(dispatch._REGISTRY["linear_epsilon_backward_factored"], "torch",
                         dispatch._Impl(lambda *a: real(*a) * 0.9, None))
     model = tiny_llama()
     ids = torch.randint(0, 40, (1, 6), generator=torch.Generator().manual_seed(2))

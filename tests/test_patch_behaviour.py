@@ -136,3 +136,53 @@ def test_platform_and_exact_attention_agree_within_the_documented_bound():
     a, b = rel["platform"]["inputs_embeds"], rel["exact"]["inputs_embeds"]
     assert math.isfinite(a.sum().item())
     assert ((a - b).norm() / b.norm()).item() < 1e-6
+
+
+def test_relevance_view_hooks_on_a_patched_model_are_refused():
+    """A relevance-view Zennit-style rule on a gradient-view patched module would mix views
+    (relevance sums of 1e9 for a logit of 0.2): refused; the gradient view is fine."""
+    from lrp_kernels.hooks import Epsilon
+
+    model, _ = build("llama")
+    with lrp_kernels.patch(model):
+        with pytest.raises(ValueError, match="mix relevance and gradients"):
+            Epsilon().register(model.lm_head)
+        Epsilon(relevance=False).register(model.lm_head).remove()
+    Epsilon().register(model.lm_head).remove()  # unpatched again: fine
+
+
+@pytest.mark.parametrize("norm", [torch.nn.LayerNorm(6), torch.nn.BatchNorm1d(6), torch.nn.GroupNorm(2, 6)],
+                         ids=lambda m: type(m).__name__)
+def test_layer_rules_refuse_normalisation_layers(norm):
+    from lrp_kernels.hooks import AlphaBeta, Epsilon, Flat, Gamma, WSquare, ZPlus
+
+    for rule in (Gamma(), AlphaBeta(), ZPlus(), Flat(), WSquare()):
+        with pytest.raises(TypeError, match="normalisation layer"):
+            rule.register(norm)
+    Epsilon().register(norm).remove()  # the epsilon rule is defined for any module
+
+
+def test_unexplained_parts_are_named_module_by_module():
+    """No family (Bloom): besides the missing family, every attention module that computes its
+    softmax in its own code, and every normalisation without a rule, is named."""
+    import warnings
+
+    import transformers as tr
+
+    model = tr.BloomForCausalLM(tr.BloomConfig(vocab_size=50, hidden_size=16, n_layer=2, n_head=2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        handle = lrp_kernels.patch(model, strict=False)
+    handle.remove()
+    message = "\n".join(str(w.message) for w in caught)
+    for i in range(2):
+        assert f"transformer.h.{i}.self_attention (BloomAttention): attention computed in its own forward" in message
+
+    class OwnNorm(torch.nn.Module):  # a parameter-free LayerNorm of a model's own code
+        def forward(self, x):
+            return torch.nn.functional.layer_norm(x, x.shape[-1:])
+
+    llama, _ = build("llama")
+    llama.model.norm = OwnNorm()
+    with pytest.raises(lrp_kernels.UnsupportedModelError, match=r"model.norm \(OwnNorm\): normalisation"):
+        lrp_kernels.patch(llama)

@@ -11,7 +11,8 @@ Choosing a backend, most specific first:
 2. ``with lrp_kernels.use_backend("torch"):`` (per block, thread-local),
 3. the ``LRP_KERNELS_BACKEND`` environment variable (process-wide),
 4. ``"auto"``: the first available backend in ``AUTO_ORDER`` that implements the op for the
-   tensors' device and dtype, else ``torch``. ``auto`` never picks the Triton interpreter.
+   tensors' device and dtype (and was not registered with ``auto=False``), else ``torch``.
+   ``auto`` never picks the Triton interpreter.
 
 Forcing a backend that is unavailable raises :class:`BackendUnavailableError` with the reason.
 Forcing an available backend for an op it has no kernel for falls back to ``torch`` (every
@@ -41,6 +42,8 @@ class _Impl:
     fn: Callable
     # returns None when the impl can take these tensors, else a short reason
     supports: Optional[Callable[..., Optional[str]]]
+    # False: only used when forced (measured slower than the torch path it would replace)
+    auto: bool = True
 
 
 # op name -> backend name -> implementation
@@ -67,14 +70,17 @@ def register(
     backend: str,
     fn: Callable,
     supports: Optional[Callable[..., Optional[str]]] = None,
+    auto: bool = True,
 ) -> None:
     """Register ``fn`` as the ``backend`` implementation of kernel op ``op``.
 
     ``supports(*args, **kwargs)`` (same arguments as ``fn``) returns ``None`` if ``fn`` can
     run on those inputs, else a short reason (used by ``auto`` to skip, and in errors).
+    ``auto=False``: ``auto`` never picks it (a kernel measured slower than the torch path it
+    would replace); forcing the backend still runs it.
     """
     _check_name(backend, allow_auto=False)
-    _REGISTRY.setdefault(op, {})[backend] = _Impl(fn, supports)
+    _REGISTRY.setdefault(op, {})[backend] = _Impl(fn, supports, auto)
 
 
 def _check_name(backend: str, allow_auto: bool = True) -> None:
@@ -189,7 +195,7 @@ def resolve(op: str, *args, backend: Optional[str] = None, **kwargs) -> tuple[st
             if _interpreted(name, args):
                 continue
             impl = impls[name]
-            if impl.supports is None or impl.supports(*args, **kwargs) is None:
+            if impl.auto and (impl.supports is None or impl.supports(*args, **kwargs) is None):
                 return name, impl.fn
         return "torch", impls["torch"].fn
     if choice != "torch":

@@ -25,6 +25,7 @@ computes exactly what the unpatched one does.
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 from torch import nn
@@ -66,6 +67,26 @@ def looks_like_nonlinearity(module: nn.Module) -> bool:
     """A module from torch's or transformers' activation collections that we have no rule for."""
     mod = type(module).__module__
     return mod in ("torch.nn.modules.activation", "transformers.activations") and not is_elementwise_activation(module)
+
+
+def looks_like_normalization(module: nn.Module) -> bool:
+    """A normalisation module (by class name) that no rule above matched (e.g. a parameter-free
+    LayerNorm of a model's own code): its statistics would keep their plain gradient."""
+    return type(module).__name__.endswith(("Norm", "LayerNorm", "RMSNorm"))
+
+
+def computes_attention_itself(module: nn.Module) -> bool:
+    """An attention module whose forward does not go through transformers' AttentionInterface
+    (which the patch reroutes): its softmax and products would keep their plain gradient."""
+    if not type(module).__name__.endswith("Attention"):
+        return False
+    if any("Attention" in type(m).__name__ for m in module.children()):
+        return False  # a wrapper (BertAttention around BertSelfAttention): its child is checked
+    try:
+        source = inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return True
+    return "ALL_ATTENTION_FUNCTIONS" not in source and "attention_interface" not in source
 
 
 def is_plain_linear(module: nn.Module) -> bool:

@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-import weakref
 from typing import Callable, Iterator, Optional
 
 from torch import nn
@@ -46,7 +45,8 @@ from .families import Family, family_for
 from . import installers
 from . import attention as attention_adapter
 from ..backends import dispatch
-from ..ops._common import DEFAULT_EPSILON, check_epsilon
+from ..ops._common import (DEFAULT_EPSILON, check_epsilon, claim_gradient_view, gradient_view_owner,
+                           release_gradient_view)
 
 _MARK = "_lrp_kernels_patch"
 
@@ -159,6 +159,11 @@ def _plan(model: nn.Module, family: Optional[Family]) -> tuple[list, list[str]]:
             unknown.append(f"{label} ({cls}): module with parameters and no LRP rule")
         elif installers.looks_like_nonlinearity(m):
             unknown.append(f"{label} ({cls}): non-linearity with no LRP rule")
+        elif installers.looks_like_normalization(m):
+            unknown.append(f"{label} ({cls}): normalisation with no LRP rule")
+        elif installers.computes_attention_itself(m):
+            unknown.append(f"{label} ({cls}): attention computed in its own forward, not through "
+                           "transformers' AttentionInterface (its softmax and products keep the plain gradient)")
         if rule is not None:
             plan.append((label, m, rule[0], rule[1]))
     return plan, unknown
@@ -194,21 +199,21 @@ def _freeze(handle: PatchHandle, model: nn.Module) -> None:
             handle._undo.append(lambda p=p: p.requires_grad_(True))
 
 
-# module -> the active handle of the patch it belongs to: nested or overlapping patches are refused
-_CLAIMS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 ATTENTION_CHOICES = ("auto", "platform", "exact")
 
 
 def _claim(handle: PatchHandle, model: nn.Module) -> None:
+    """Every module of the model belongs to this patch (gradient view) until ``remove()``:
+    nested or overlapping patches and relevance-view hooks on its modules are refused."""
     for name, m in model.named_modules():
-        other = _CLAIMS.get(m)
-        if other is not None and other is not handle and other.active:
+        other = gradient_view_owner(m)
+        if other is not None and other is not handle:
             where = name or "the model"
             raise RuntimeError(f"{where} ({type(m).__name__}) is already part of a patched model "
                                f"({other!r}); remove() that patch first (patches may not nest or overlap)")
     for m in model.modules():
-        _CLAIMS[m] = handle
-        handle._undo.append(lambda m=m: _CLAIMS.pop(m, None))
+        claim_gradient_view(m, handle)
+        handle._undo.append(lambda m=m: release_gradient_view(m))
 
 
 def _install(handle: PatchHandle, plan: list, family: Optional[Family]) -> None:

@@ -68,7 +68,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 from torch import nn
 
-from ..ops._common import DEFAULT_EPSILON, compute_dtype, record, recording, stabilize
+from ..ops._common import DEFAULT_EPSILON, compute_dtype, gradient_view_owner, record, recording, stabilize
 
 __all__ = ["Hook", "BasicHook", "ParamMod", "HookHandle", "stabilize", "hooks_suppressed",
            "identity", "zero_grad_reducer"]
@@ -258,9 +258,19 @@ class Hook:
         """Attach this hook to ``module``; the returned handle's ``remove()`` undoes it."""
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+        self._check_module(module)
+        owner = gradient_view_owner(module)
+        if owner is not None and getattr(self, "relevance", False):
+            raise ValueError(
+                f"{type(self).__name__} (relevance view) on {type(module).__name__}, which is part of a model "
+                f"patched in the gradient view ({owner!r}): the backward would mix relevance and gradients. "
+                f"Use {type(self).__name__}(..., relevance=False) or remove() the patch first")
         pre = module.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
         post = module.register_forward_hook(self._post_hook)
         return HookHandle(self, module, [pre, post])
+
+    def _check_module(self, module: nn.Module) -> None:
+        """Refuse modules this rule is not defined for (nothing is refused by default)."""
 
     def remove(self) -> None:
         """Clear every stored tensor of every call (registrations stay; use the handle)."""

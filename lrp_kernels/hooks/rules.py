@@ -44,6 +44,26 @@ Names = Optional[Union[str, Iterable[str]]]
 Stab = Union[float, Callable[[torch.Tensor], torch.Tensor]]
 
 
+# ----------------------------------------------------------------------------- layer rules
+
+def _is_normalization(module: nn.Module) -> bool:
+    norms = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._NormBase,
+             getattr(nn, "RMSNorm", ()))
+    return isinstance(module, norms) or type(module).__name__.endswith(("Norm", "LayerNorm", "RMSNorm"))
+
+
+class _LayerRule(BasicHook):
+    """Rules defined for linear layers and convolutions (weights times inputs): a normalisation
+    layer is refused (its parameters are not a linear map of the input; use ``Norm`` / ``Pass``,
+    or the identity rule of the drop-ins)."""
+
+    def _check_module(self, module: nn.Module) -> None:
+        if _is_normalization(module):
+            raise TypeError(f"{type(self).__name__} is a rule for linear layers and convolutions, not for the "
+                            f"normalisation layer {type(module).__name__}: it would break conservation silently "
+                            f"(use Pass or Norm there)")
+
+
 # ----------------------------------------------------------------------------- modifiers
 
 class NoMod(ParamMod):
@@ -159,7 +179,7 @@ class Norm(BasicHook):
         super().__init__(param_modifiers=[NoMod(param_keys=[])], stabilizer=stabilizer, relevance=relevance)
 
 
-class AlphaBeta(BasicHook):
+class AlphaBeta(_LayerRule):
     """``R_j = sum_k [alpha q+_jk / stab(z+_k) - beta q-_jk / stab(z-_k)] R_k`` with
     ``q+ = x^+ w^+ + x^- w^-`` (positive contributions), ``z+ = sum_j q+ + b^+`` and
     ``q- = x^+ w^- + x^- w^+``, ``z- = sum_j q- + b^-``. Conservative when ``alpha - beta = 1``."""
@@ -183,7 +203,7 @@ class AlphaBeta(BasicHook):
         return gp, gp, gn, gn
 
 
-class ZPlus(BasicHook):
+class ZPlus(_LayerRule):
     """``R_j = sum_k q+_jk / stab(z+_k) R_k`` (the positive half of AlphaBeta, alpha=1 beta=0)."""
 
     def __init__(self, stabilizer: Stab = DEFAULT_EPSILON, zero_params: Names = None, relevance: bool = True):
@@ -198,7 +218,7 @@ class ZPlus(BasicHook):
         return g, g
 
 
-class Gamma(BasicHook):
+class Gamma(_LayerRule):
     """Gamma rule for either sign of the output: contributions of the output's sign are
     enlarged by ``gamma`` (see the table in the module docstring). Four copies:
     ``x^+ (W + gW^+) + b + gb^+``, ``x^- (W + gW^-)``, ``x^+ (W + gW^-) + b + gb^-``, ``x^- (W + gW^+)``;
@@ -244,7 +264,7 @@ class Gamma(BasicHook):
         return (res,)
 
 
-class Flat(BasicHook):
+class Flat(_LayerRule):
     """``R_j = sum_k 1 / stab(n_k) R_k``, ``n_k`` = number of inputs connected to output ``k``."""
 
     supports_gradient_view = False
@@ -257,7 +277,7 @@ class Flat(BasicHook):
                          reducer=zero_grad_reducer, stabilizer=stabilizer, relevance=relevance)
 
 
-class WSquare(BasicHook):
+class WSquare(_LayerRule):
     """``R_j = sum_k w_jk^2 / stab(sum_j' w_j'k^2) R_k`` (no bias)."""
 
     supports_gradient_view = False
@@ -269,7 +289,7 @@ class WSquare(BasicHook):
                          reducer=zero_grad_reducer, stabilizer=stabilizer, relevance=relevance)
 
 
-class ZBox(BasicHook):
+class ZBox(_LayerRule):
     """z^B rule for bounded inputs ``low <= x <= high`` (e.g. the first layer on pixels):
     ``R_j = sum_k (x_j w_jk - l_j w_jk^+ - h_j w_jk^-) / stab(sum_j' ...) R_k`` (no bias).
     ``low``/``high`` are numbers or tensors broadcastable to the input."""

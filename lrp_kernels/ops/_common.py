@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
@@ -45,18 +46,6 @@ def stabilize(z: torch.Tensor, epsilon: float = DEFAULT_EPSILON, *, clip: bool =
     if clip:
         return sign * torch.maximum(z.abs(), torch.as_tensor(eps, dtype=z.dtype, device=z.device))
     return z + eps * sign
-
-
-def stab_ratio(y: torch.Tensor, epsilon: float) -> torch.Tensor:
-    """``y / stab(y)`` in float32 or higher, computed as ``|y| / (|y| + eps)``.
-
-    The same value (``y - eps == -(|y| + eps)`` for ``y < 0``; both 0 at ``y = 0``) in four
-    element-wise passes and two temporaries instead of seven and four: the gradient view of
-    every epsilon rule scales the incoming gradient by it.
-    """
-    cd = compute_dtype(y)
-    ratio = y.abs() if y.dtype == cd else y.to(cd).abs_()
-    return ratio.div_(ratio + epsilon)
 
 
 def check_float(name: str, t: torch.Tensor) -> None:
@@ -112,6 +101,20 @@ def pin_backend(backend: Optional[str]) -> Optional[str]:
         return dispatch.forced_backend()
     dispatch.check_backend(backend)
     return backend
+
+
+def check_forced_backend(op: str, backend: Optional[str], *args) -> None:
+    """A forced backend that has a kernel for ``op`` but cannot take these inputs is an error
+    *now*, in the forward, with the reason (not later, inside the backward). ``args`` are the
+    kernel op's arguments, output-shaped ones may be stand-ins (:func:`stand_in`)."""
+    if backend not in (None, "auto", "torch"):
+        from ..backends import dispatch
+        dispatch.chosen_backend(op, *args, backend=backend)
+
+
+def stand_in(like: torch.Tensor, shape) -> torch.Tensor:
+    """A tensor with ``like``'s dtype and device and the given shape, backed by one element."""
+    return like.new_empty(()).expand(tuple(shape))
 
 
 # ---- hook for the conservation check mode (lrp_kernels.tools.check) ------------------------
@@ -221,6 +224,25 @@ def record_module(op: str, fn, inputs: Sequence[torch.Tensor], expected) -> torc
     y.register_hook(on_output)
     torch.autograd.graph.register_multi_grad_hook([x for x in own if x.requires_grad], on_inputs)
     return y
+
+
+# ---- which modules a gradient-view patch owns (relevance-view rules there would mix views) ----
+_GRADIENT_VIEW_OWNERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def claim_gradient_view(module, owner) -> None:
+    """``module`` belongs to ``owner`` (an active gradient-view patch) until released."""
+    _GRADIENT_VIEW_OWNERS[module] = owner
+
+
+def release_gradient_view(module) -> None:
+    _GRADIENT_VIEW_OWNERS.pop(module, None)
+
+
+def gradient_view_owner(module):
+    """The active gradient-view patch owning ``module``, or None."""
+    owner = _GRADIENT_VIEW_OWNERS.get(module)
+    return owner if owner is not None and getattr(owner, "active", True) else None
 
 
 def is_zero(t: Optional[torch.Tensor]) -> bool:

@@ -10,7 +10,10 @@ Gradient view::
 
 Both are one kernel op, ``linear_epsilon_backward``: the left operand of the GEMM is
 ``grad_z / stab(z)`` (times ``z`` in the gradient view) and the result is multiplied by ``x``
-in the relevance view. The weight and bias receive no relevance (they are parameters). The
+in the relevance view. The torch backend computes it as an element-wise rescale of ``grad_z``
+by :func:`epsilon_factor` of ``z`` (computed in the forward) followed by the platform GEMM
+(kernel op ``linear_epsilon_backward_factored``); the fused Triton kernel does both in one
+GEMM. The weight and bias receive no relevance (they are parameters). The
 gradient view keeps only ``z`` for the backward (not ``x``): the memory of a plain
 frozen-weight linear plus its output.
 
@@ -29,29 +32,56 @@ import torch
 from ..backends import dispatch
 from ._common import (DEFAULT_EPSILON, check_epsilon, check_float, check_same_device,
                       check_same_dtype, compute_dtype, is_zero, pin_backend, record_backward, record_forward,
-                      record_module, stab_ratio, stabilize)
+                      record_module, stabilize, stand_in)
+
+
+def epsilon_factor(z: torch.Tensor, epsilon: float, relevance: bool,
+                   dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """All the epsilon rule needs of an output ``z``, computed once.
+
+    Relevance view ``1 / stab(z)`` (float32 or higher). Gradient view ``q = eps / (|z| + eps)``,
+    i.e. ``z / stab(z) = 1 - q``, kept in ``dtype`` (default: ``z``'s): as compact as ``z`` and
+    precise where it matters (``q`` is tiny wherever ``z / stab(z)`` is close to 1). With
+    ``epsilon = 0`` the rule's factor is exactly 0 where ``z == 0`` (no NaN).
+    """
+    cd = compute_dtype(z)
+    if relevance:
+        den = stabilize(z, epsilon)
+        inv = den.reciprocal()
+        return torch.where(den == 0, torch.zeros((), dtype=cd, device=z.device), inv) if epsilon == 0 else inv
+    if epsilon == 0:
+        return (z == 0).to(dtype or z.dtype)
+    a = z.abs() if z.dtype == cd else z.to(cd).abs_()
+    return torch.reciprocal(a.div_(epsilon).add_(1.0)).to(dtype or z.dtype)  # eps / (|z| + eps)
+
+
+def apply_epsilon_factor(grad: torch.Tensor, factor: torch.Tensor, relevance: bool,
+                         share: float = 1.0) -> torch.Tensor:
+    """``R / (share * stab(z))`` or ``G * z / (share * stab(z))`` from :func:`epsilon_factor`
+    (float32 or higher)."""
+    cd = compute_dtype(grad, factor)
+    f = factor.to(cd)
+    h = grad.to(cd) * (f if relevance else 1.0 - f)
+    return h.div_(share) if share != 1 else h
 
 
 def epsilon_scale(grad_y: torch.Tensor, y: torch.Tensor, epsilon: float, relevance: bool,
                   share: float = 1.0) -> torch.Tensor:
-    """The output side of the epsilon rule, in float32 or higher.
-
-    Relevance view ``R_y / (share * stab(y))``; gradient view ``G_y * y / (share * stab(y))``
-    (``share`` = number of inputs splitting the relevance, for the uniform-epsilon rules).
-    With ``epsilon = 0``, exactly 0 where ``y == 0`` (no NaN).
-    """
+    """The output side of the epsilon rule, in float32 or higher: relevance view
+    ``R_y / (share * stab(y))``, gradient view ``G_y * y / (share * stab(y))`` (``share`` =
+    number of inputs splitting the relevance, for the uniform-epsilon rules)."""
     cd = compute_dtype(grad_y, y)
-    g, yc = grad_y.to(cd), y.to(cd)
-    if not relevance and epsilon > 0:
-        h = stab_ratio(yc, epsilon).mul_(g)
-        return h.div_(share) if share != 1 else h
-    den = stabilize(yc, epsilon)
-    if share != 1:
-        den = den * share
-    h = g / den
-    if epsilon == 0:
-        h = torch.where(den == 0, torch.zeros((), dtype=cd, device=h.device), h)
-    return h if relevance else h * yc
+    return apply_epsilon_factor(grad_y, epsilon_factor(y.to(cd), epsilon, relevance), relevance, share)
+
+
+def linear_epsilon_backward_factored(grad_z: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                                     factor: torch.Tensor, relevance: bool) -> torch.Tensor:
+    """The rescale + platform GEMM form: ``(grad_z * factor) @ W`` (times ``x``, relevance view)."""
+    cd = compute_dtype(grad_z, x, weight)
+    out = apply_epsilon_factor(grad_z, factor, relevance).to(cd) @ weight.to(cd)
+    if relevance:
+        out = out * x.to(cd)
+    return out.to(x.dtype)
 
 
 def linear_epsilon_backward_torch(
@@ -66,14 +96,12 @@ def linear_epsilon_backward_torch(
     """Reference backend. ``z=None`` recomputes ``z`` from ``x, weight, bias``."""
     if z is None:
         z = torch.nn.functional.linear(x, weight, bias)
-    cd = compute_dtype(grad_z, x, weight)
-    out = epsilon_scale(grad_z, z, epsilon, relevance).to(cd) @ weight.to(cd)
-    if relevance:
-        out = out * x.to(cd)
-    return out.to(x.dtype)
+    factor = epsilon_factor(z, epsilon, relevance, compute_dtype(grad_z, x, weight))
+    return linear_epsilon_backward_factored(grad_z, x, weight, factor, relevance)
 
 
 dispatch.register("linear_epsilon_backward", "torch", linear_epsilon_backward_torch)
+dispatch.register("linear_epsilon_backward_factored", "torch", linear_epsilon_backward_factored)
 
 
 def check_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], epsilon: float) -> None:
@@ -95,29 +123,48 @@ def check_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
 
 
 class LinearEpsilonFn(torch.autograd.Function):
-    """Forward: ``F.linear``. Backward: the epsilon rule in the chosen view."""
+    """Forward: ``F.linear``. Backward: the epsilon rule in the chosen view.
+
+    Saved for the backward, by the backend the dispatcher picks at forward time:
+
+    * ``torch`` (rescale + platform GEMM): only :func:`epsilon_factor` of ``z`` (``z``-sized)
+      and, in the relevance view, ``x``: the gradient view keeps what a plain frozen linear
+      keeps plus one output-sized tensor, and an in-place successor (``ReLU(inplace=True)``,
+      ``out += ...``) cannot change what the rule uses;
+    * a fused kernel (``triton``, when forced): ``z`` (and ``x`` in the relevance view);
+    * ``recompute=True``: ``x`` only, ``z`` is rebuilt in the backward (long contexts).
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, epsilon, relevance, backend, recompute):
         z = torch.nn.functional.linear(x, weight, bias)
         ctx.epsilon, ctx.relevance, ctx.backend, ctx.recompute = epsilon, relevance, backend, recompute
         ctx.x_shape = x.shape
-        # recompute=True saves memory at long context: z is rebuilt in the backward (from x).
-        # The gradient view needs x only then: a plain frozen linear keeps no more.
+        ctx.factored = not recompute and dispatch.chosen_backend(
+            "linear_epsilon_backward", stand_in(z, z.shape), x, weight, bias, stand_in(z, z.shape), epsilon,
+            relevance, backend=backend) == "torch"
         keep_x = relevance or recompute
-        ctx.save_for_backward(x if keep_x else None, weight, bias, None if recompute else z)
+        if ctx.factored:
+            saved = epsilon_factor(z, epsilon, relevance)
+        else:
+            saved = None if recompute else z
+        ctx.save_for_backward(x if keep_x else None, weight, bias, saved)
         record_forward(ctx, "linear_epsilon", (x,), z)
         return z
 
     @staticmethod
     def backward(ctx, grad_z):
-        x, weight, bias, z = ctx.saved_tensors
+        x, weight, bias, saved = ctx.saved_tensors
         if x is None:  # stands for x where only its shape, dtype and device are read
-            x = weight.new_empty(()).expand(ctx.x_shape)
+            x = stand_in(weight, ctx.x_shape)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = dispatch.call("linear_epsilon_backward", grad_z, x, weight, bias, z,
-                                   ctx.epsilon, ctx.relevance, backend=ctx.backend)
+            if ctx.factored:
+                grad_x = dispatch.call("linear_epsilon_backward_factored", grad_z, x, weight, saved, ctx.relevance,
+                                       backend=ctx.backend)
+            else:
+                grad_x = dispatch.call("linear_epsilon_backward", grad_z, x, weight, bias, saved,
+                                       ctx.epsilon, ctx.relevance, backend=ctx.backend)
             # conservative only without a bias (the bias absorbs its share)
             record_backward(ctx, (grad_x,), grad_z, ctx.relevance, lambda: is_zero(bias))
         return grad_x, None, None, None, None, None, None

@@ -19,8 +19,9 @@ from typing import Optional
 import torch
 
 from ..backends import dispatch
-from ._common import (DEFAULT_EPSILON, check_epsilon, check_float, check_same_device,
-                      check_same_dtype, compute_dtype, pin_backend, record_backward, record_forward, stabilize)
+from ._common import (DEFAULT_EPSILON, check_epsilon, check_float, check_forced_backend, check_same_device,
+                      check_same_dtype, compute_dtype, pin_backend, record_backward, record_forward, stabilize,
+                      stand_in)
 
 
 def _matmul_shapes(a: torch.Tensor, b: torch.Tensor):
@@ -108,8 +109,11 @@ def matmul(
         raise ValueError(f"a's last dim ({ka}) must equal b's contraction dim ({kb}); "
                          f"got a {tuple(a.shape)}, b {tuple(b.shape)}")
     try:
-        _matmul_shapes(a, b)
+        out_shape = torch.matmul(torch.empty(a.shape, device="meta"), torch.empty(b.shape, device="meta")).shape
     except RuntimeError:
         raise ValueError(f"a's and b's batch dims must broadcast, got a {tuple(a.shape)}, "
                          f"b {tuple(b.shape)}") from None
-    return MatmulUEFn.apply(a, b, epsilon, relevance, pin_backend(backend))
+    backend = pin_backend(backend)
+    o = stand_in(a, out_shape)
+    check_forced_backend("matmul_ue_backward", backend, o, a, b, o, epsilon, relevance, True, True)
+    return MatmulUEFn.apply(a, b, epsilon, relevance, backend)

@@ -19,7 +19,8 @@ from typing import Optional
 import torch
 
 from ..backends import dispatch
-from ._common import check_float, compute_dtype, pin_backend, record_backward, record_forward, zero_masked
+from ._common import (check_float, check_forced_backend, compute_dtype, pin_backend, record_backward,
+                      record_forward, stand_in, zero_masked)
 
 
 def softmax_dt_backward_torch(
@@ -81,9 +82,14 @@ def softmax(
 ) -> torch.Tensor:
     """``torch.softmax(x / temperature, dim, dtype)`` with the Deep-Taylor backward."""
     check_float("x", x)
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"dim must be an int (the softmax dimension), got {type(dim).__name__} {dim!r}")
     if not -x.dim() <= dim < max(x.dim(), 1):
         raise ValueError(f"dim must be in [{-x.dim()}, {x.dim() - 1}] for x of shape {tuple(x.shape)}, got {dim}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    return SoftmaxDTFn.apply(x, dim % max(x.dim(), 1), dtype, float(temperature), relevance,
-                             pin_backend(backend))
+    backend = pin_backend(backend)
+    dim = dim % max(x.dim(), 1)
+    s_like = stand_in(x if dtype is None else x.new_empty((), dtype=dtype), x.shape)
+    check_forced_backend("softmax_dt_backward", backend, s_like, x, s_like, dim, float(temperature), relevance)
+    return SoftmaxDTFn.apply(x, dim, dtype, float(temperature), relevance, backend)

@@ -269,9 +269,10 @@ def test_use_backend_reaches_cuda_backward_worker_threads(monkeypatch):
     """On CUDA, autograd runs backward on its own threads, which do not see the thread-local
     use_backend stack; the forward-time pin must carry the choice there."""
     calls = []
-    impl = dispatch._REGISTRY["linear_epsilon_backward"]["torch"]
+    op = "linear_epsilon_backward_factored"  # the torch path of the rule (rescale + GEMM)
+    impl = dispatch._REGISTRY[op]["torch"]
     spy = dispatch._Impl(lambda *a, **k: calls.append(1) or impl.fn(*a, **k), None)
-    monkeypatch.setitem(dispatch._REGISTRY["linear_epsilon_backward"], "torch", spy)
+    monkeypatch.setitem(dispatch._REGISTRY[op], "torch", spy)
     x = torch.randn(4, 8, device="cuda", requires_grad=True)
     w = torch.randn(3, 8, device="cuda")
     with lrp_kernels.use_backend("torch"):

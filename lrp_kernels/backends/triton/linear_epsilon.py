@@ -225,4 +225,8 @@ def supports(grad_z, x, weight, bias, z, epsilon, relevance) -> Optional[str]:
     return _backend.linear_reason(grad_z, x, weight, bias, z)
 
 
-dispatch.register("linear_epsilon_backward", "triton", linear_epsilon_backward_triton, supports=supports)
+# Not chosen by auto: measured on an H200 at 2.8-3.2x a plain bf16 GEMM of the same shape
+# (benchmarks/RESULTS.md), while the torch path is one element-wise rescale + the platform GEMM.
+# Forcing backend="triton" still runs it.
+dispatch.register("linear_epsilon_backward", "triton", linear_epsilon_backward_triton, supports=supports,
+                  auto=False)
