@@ -74,7 +74,7 @@ def test_user_errors_exit_2(argv, needle, capsys):
 
 
 def test_oracle_matches_tests_oracle():
-    """The package's oracle and tests/oracle.py (independent) agree on exact inputs."""
+    """The package's oracle and tests/helpers/oracle.py (independent) agree on exact inputs."""
     from helpers import oracle
 
     gen = torch.Generator().manual_seed(0)

@@ -1,4 +1,4 @@
-"""lrp_kernels.rules against the float64 oracle (tests/oracle.py).
+"""lrp_kernels.rules against the float64 oracle (tests/helpers/oracle.py).
 
 Modules are evaluated in float32 and in float64 (the oracle differentiates a float64 deep copy).
 Tolerances: float32 1e-4 relative (norm-wise; the rule divides by stab(y)), float64 1e-9.
