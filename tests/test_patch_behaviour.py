@@ -14,8 +14,6 @@ import torch
 import lrp_kernels
 from helpers.models import FAMILIES, build, make_inputs, relevance
 
-# gemma2: a soft-capped eager softmax, which the platform path cannot serve (exact path instead)
-BIT_IDENTICAL = [f for f in FAMILIES if f != "gemma2"]
 
 
 def _logits(model, inputs):
@@ -24,15 +22,18 @@ def _logits(model, inputs):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("family", BIT_IDENTICAL)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_patched_forward_is_bit_identical(family, dtype):
+    """Every family in every dtype: the default path, and the exact path (Gemma 2's soft-capped
+    eager attention always takes it), whose forward values are the model's own too."""
     model, kind = build(family)
     model = model.to(dtype)
     inputs = make_inputs(model, kind, n=9)
     before = _logits(model, inputs)
-    with lrp_kernels.patch(model):
-        during = _logits(model, inputs)
-    assert torch.equal(during, before), (during.float() - before.float()).abs().max()
+    for attention in ("auto", "exact"):
+        with lrp_kernels.patch(model, attention=attention):
+            during = _logits(model, inputs)
+        assert torch.equal(during, before), (attention, (during.float() - before.float()).abs().max())
 
 
 def test_soft_capped_attention_cannot_take_the_platform_path():

@@ -1,5 +1,5 @@
 """The patched Hugging Face Llama (gradient view) gives the same input relevance as an explicit
-relevance-view reconstruction of the same network (tests/reference_llama.py), float64."""
+relevance-view reconstruction of the same network (tests/helpers/reference_llama.py), float64."""
 import pytest
 import torch
 import transformers as tr

@@ -89,6 +89,8 @@ def heatmap_grid(heatmaps, grid: Optional[Tuple[int, int]] = None, pad: int = 2,
         _check_int("grid rows", grid[0], 1)
         _check_int("grid cols", grid[1], 1)
     stack = _stack(heatmaps)
+    if np.isnan(stack).any():  # before the colour limits are derived from the data
+        raise ValueError("heatmap contains NaN")
     n, h, w = stack.shape
     if grid is None:
         cols = math.ceil(math.sqrt(n))

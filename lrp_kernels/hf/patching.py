@@ -169,9 +169,9 @@ def _plan(model: nn.Module, family: Optional[Family]) -> tuple[list, list[str]]:
     return plan, unknown
 
 
-def _swap_configs(handle: PatchHandle, model: nn.Module, attn_name: str) -> None:
-    """Give each module that holds a config a patched *copy* (originals stay untouched) and
-    bind it to the handle, where the attention adapter finds the patch's options."""
+def _swap_configs(handle: PatchHandle, model: nn.Module) -> None:
+    """Give each module that holds a config a patched *copy* (originals stay untouched); the
+    attention adapter finds the patch's options through the module's owner (:func:`_claim`)."""
     try:
         from transformers import PretrainedConfig
     except Exception:  # pragma: no cover
@@ -183,13 +183,12 @@ def _swap_configs(handle: PatchHandle, model: nn.Module, attn_name: str) -> None
             continue
         if id(config) not in copies:
             new = copy.copy(config)
-            object.__setattr__(new, "_attn_implementation_internal", attn_name)
+            own = getattr(config, "_attn_implementation", None)
+            object.__setattr__(new, "_attn_implementation_internal", attention_adapter.attention_name(handle.rules, own))
             if getattr(new, "use_cache", None):
                 new.use_cache = False  # explaining needs no KV cache (a call may still pass use_cache=True)
             copies[id(config)] = new
         handle.set_attr(m, "config", copies[id(config)])
-        attention_adapter.bind(m, handle)
-        handle._undo.append(lambda m=m: attention_adapter.unbind(m))
 
 
 def _freeze(handle: PatchHandle, model: nn.Module) -> None:
@@ -222,7 +221,7 @@ def _install(handle: PatchHandle, plan: list, family: Optional[Family]) -> None:
     try:
         _claim(handle, model)
         _freeze(handle, model)
-        _swap_configs(handle, model, attention_adapter.ATTENTION_NAMES[handle.rules])
+        _swap_configs(handle, model)
         for name, module, rule_name, install in plan:
             install(handle, name, module)
             handle.applied[name] = rule_name
@@ -264,12 +263,13 @@ def patch(model: nn.Module, rules: str = "attnlrp", epsilon: float = DEFAULT_EPS
         backend: ``"auto"``, ``"torch"``, ``"cpp"`` or ``"triton"`` for the rule kernels.
         strict: unknown parts raise :class:`UnsupportedModelError` (True) or warn (False).
         attention: ``"auto"`` (default: the platform path wherever it can serve the model),
-            ``"platform"`` (transformers' own SDPA forward and backward with the AttnLRP
-            rescalings: the price of plain attention, forward values bit for bit the unpatched
-            SDPA model's; ``G_Q``, ``G_K`` deviate from the exact rule by ``eps / (|S0| + eps)``
-            per score, see :func:`lrp_kernels.ops.attention.attnlrp_platform`) or ``"exact"``
+            ``"platform"`` (the model's own attention, transformers' SDPA or eager path, forward
+            and backward with the AttnLRP rescalings: the price of plain attention; ``G_Q``,
+            ``G_K`` deviate from the exact rule by ``eps / (|S0| + eps)`` per score, see
+            :func:`lrp_kernels.ops.attention.attnlrp_platform`) or ``"exact"``
             (:func:`lrp_kernels.ops.attention.attnlrp_attention`: the exact rule, chunked on CPU,
-            flash-AttnLRP on CUDA).
+            flash-AttnLRP on CUDA; forward values from the model's own attention). The forward
+            is the unpatched model's, bit for bit, on every path.
 
     Returns:
         a :class:`PatchHandle` (context manager; ``remove()`` restores the model exactly).

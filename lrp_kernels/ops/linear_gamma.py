@@ -17,7 +17,7 @@ bias differs from the layer's, else ``z = (den_p + den_n) / (2 + gamma)``): ``G_
 
 This is the op ``linear_gamma_backward(grad_z, x, weight, bias, z, gamma, epsilon, relevance)``
 used by :class:`lrp_kernels.hooks.rules.Gamma` on ``nn.Linear``; the torch backend below is four
-GEMMs per pass, the triton backend (``lrp_kernels/triton/linear_gamma.py``) fuses the sign
+GEMMs per pass, the triton backend (``lrp_kernels/backends/triton/linear_gamma.py``) fuses the sign
 splits, the stabiliser and the selection into two kernels.
 """
 from __future__ import annotations

@@ -38,7 +38,7 @@ def _d(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def _stab(z: torch.Tensor, eps: float) -> torch.Tensor:
-    # the one stabiliser (float64 in, float64 out); it is checked against tests/oracle.py
+    # the one stabiliser (float64 in, float64 out); it is checked against tests/helpers/oracle.py
     return stabilize(z, eps)
 
 
