@@ -9,25 +9,19 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from lrp_kernels.cli import main
 
+from helpers.recall_task import save_tiny_llama
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "python"))
-import train_recall_model as task  # noqa: E402
 
 PROMPT = "k1 = 5 ; k2 = 7 ; ? k1 ="
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tok = task.build_tokenizer()
-    torch.manual_seed(0)
-    task.build_model(len(task.VOCAB), tok).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return str(save_tiny_llama(tmp_path_factory.mktemp("tiny-llama")))
 
 
 def run_cli(capsys, *argv):

@@ -6,35 +6,20 @@ difference of two explanations), which holds for the AttnLRP gradient view too.
 """
 import importlib.util
 import json
-import os
 import random
-import sys
 
 import pytest
 import torch
 
 from lrp_kernels.explanations.api import Explanation, ExplainError, PromptTooLongError, explain
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "python"))
-import train_recall_model as task  # noqa: E402  (vocabulary, tokenizer, prompt generator)
+from helpers.recall_task import task, tiny_llama_fixtures
 
 HAS_PATCH = importlib.util.find_spec("lrp_kernels.hf.patching") is not None
 RULES = ["gradient"] + (["attnlrp"] if HAS_PATCH else [])
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return task.build_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    torch.manual_seed(0)
-    m = task.build_model(len(task.VOCAB), tok).eval()
-    for p in m.parameters():  # random but not tiny: non-trivial attention patterns
-        p.data.normal_(0, 0.2)
-    return m
+tok, model = tiny_llama_fixtures()  # fixtures: the task's tokenizer, a tiny random Llama
 
 
 def prompts(n, seed=0, max_pairs=5):

@@ -15,13 +15,12 @@ import sys
 import time
 
 import pytest
-import torch
 
 from lrp_kernels.cli import main
 
+from helpers.recall_task import save_tiny_llama, task
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "python"))
-import train_recall_model as task  # noqa: E402
 
 PROMPT = "k1 = 5 ; k2 = 7 ; ? k1 ="
 
@@ -36,11 +35,7 @@ def folders(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("models")
     tok = task.build_tokenizer()
-    out = {}
-    torch.manual_seed(0)
-    out["llama"] = root / "llama"
-    task.build_model(len(task.VOCAB), tok).save_pretrained(out["llama"])
-    tok.save_pretrained(out["llama"])
+    out = {"llama": save_tiny_llama(root / "llama", tok)}
     out["opt"] = root / "opt"
     OPTForCausalLM(OPTConfig(vocab_size=len(tok), hidden_size=16, ffn_dim=32, num_hidden_layers=1,
                              num_attention_heads=2, max_position_embeddings=64,

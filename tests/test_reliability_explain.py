@@ -7,9 +7,7 @@ Tiny random models built from configs (no hub, no downloads).
 from __future__ import annotations
 
 import math
-import os
 import signal
-import sys
 import warnings
 
 import pytest
@@ -20,25 +18,12 @@ from lrp_kernels.explanations import heatmap as hm
 from lrp_kernels.explanations import imaging as im
 from lrp_kernels.explanations.api import ExplainError, PromptTooLongError, explain
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "python"))
-import train_recall_model as task  # noqa: E402
+from helpers.recall_task import tiny_llama_fixtures
 
 TEXT = "k1 = 5 ; k2 = 7 ; ? k1 ="
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return task.build_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    torch.manual_seed(0)
-    m = task.build_model(len(task.VOCAB), tok, hidden=32, layers=1, heads=2).eval()
-    for p in m.parameters():
-        p.data.normal_(0, 0.2)
-    return m
+tok, model = tiny_llama_fixtures(hidden=32, layers=1, heads=2)  # fixtures: tokenizer, tiny random Llama
 
 
 @pytest.fixture

@@ -10,19 +10,15 @@ relevance is one of the two tokens of the queried pair ``kQ V``.
 import json
 import os
 import random
-import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "python"))
-import train_recall_model as task  # noqa: E402
+from lrp_kernels.cli.explain import SHIPPED_MODEL
+from lrp_kernels.explanations.api import explain
 
-from lrp_kernels.cli.explain import SHIPPED_MODEL  # noqa: E402
-from lrp_kernels.explanations.api import explain  # noqa: E402
-
-from helpers import recall  # noqa: E402
+from helpers import recall
+from helpers.recall_task import task
 
 task.use_format_of(SHIPPED_MODEL)
 HELD_OUT_SEED = 20261127  # not a training seed (training streams: seed, seed + 1, seed + 2)

@@ -99,35 +99,36 @@ def _rows(x, dim):
     return x, x.reshape(-1, x.shape[-1])
 
 
-def softmax_R(x, R_s, dim=-1, T=1.0):
-    """R_x_i = sum_j u_i * dS_j/du_i * R_s_j / s_j with u = x / T, on unmasked entries only."""
+def _softmax_jacobian(u):
+    """J[j, i] = ds_j/du_i of s = softmax(u) (1-D u)."""
+    return torch.autograd.functional.jacobian(lambda v: torch.softmax(v, 0), u)
+
+
+def _per_unmasked_row(x, t, dim, T, rule):
+    """Row by row along ``dim``: ``rule(u, t_row)`` on the row's unmasked entries (u = x / T;
+    masked: -inf or the dtype's min), 0 on the masked ones and on fully masked rows."""
     xm, xr = _rows(x, dim)
-    _, rr = _rows(R_s, dim)
+    _, tr = _rows(t, dim)
     out = torch.zeros_like(xr)
     for r in range(xr.shape[0]):
         keep = ~(torch.isneginf(xr[r]) | (xr[r] <= torch.finfo(x.dtype).min))
-        if keep.sum() == 0:
-            continue
-        u = xr[r][keep] / T
-        s = torch.softmax(u, 0)
-        J = torch.autograd.functional.jacobian(lambda v: torch.softmax(v, 0), u)  # J[j, i] = ds_j/du_i
-        out[r][keep] = u * (J.T @ (rr[r][keep] / s))
+        if keep.any():
+            out[r][keep] = rule(xr[r][keep] / T, tr[r][keep])
     return out.reshape(xm.shape).movedim(-1, dim)
+
+
+def softmax_R(x, R_s, dim=-1, T=1.0):
+    """R_x_i = sum_j u_i * dS_j/du_i * R_s_j / s_j with u = x / T, on unmasked entries only."""
+    def rule(u, R):
+        return u * (_softmax_jacobian(u).T @ (R / torch.softmax(u, 0)))
+    return _per_unmasked_row(x, R_s, dim, T, rule)
 
 
 def softmax_G(x, G_s, dim=-1, T=1.0):
     """Plain softmax gradient w.r.t. x (u = x / T), masked entries 0."""
-    xm, xr = _rows(x, dim)
-    _, gr = _rows(G_s, dim)
-    out = torch.zeros_like(xr)
-    for r in range(xr.shape[0]):
-        keep = ~(torch.isneginf(xr[r]) | (xr[r] <= torch.finfo(x.dtype).min))
-        if keep.sum() == 0:
-            continue
-        u = xr[r][keep] / T
-        J = torch.autograd.functional.jacobian(lambda v: torch.softmax(v, 0), u)
-        out[r][keep] = (J.T @ gr[r][keep]) / T
-    return out.reshape(xm.shape).movedim(-1, dim)
+    def rule(u, G):
+        return (_softmax_jacobian(u).T @ G) / T
+    return _per_unmasked_row(x, G_s, dim, T, rule)
 
 
 # ---- norms -------------------------------------------------------------------------------------

@@ -4,6 +4,9 @@ epsilon mean, identity on activations, normalize (identity rule), stop_relevance
 ``IdentityRuleActivation`` in both views) on every backend (torch; no other backend implements
 these) against the float64 oracle, and bad input.
 
+``TestElementwise`` runs the common op contract (tests/helpers/contract.py) on this op's cases; the
+functions below it are this op's own tests.
+
 Case table, views and tolerances: tests/helpers/cases.py.
 """
 from __future__ import annotations
@@ -18,56 +21,34 @@ import lrp_kernels.grad as G
 from lrp_kernels import modules as M
 
 from helpers import oracle as O
-from helpers.cases import (BACKENDS, DTYPES, EPS, LAYOUTS, OPS, bad, check_bad_input_raises_clear_error,
-                           check_conservation_eps_to_zero, check_cuda_matches_cpu_reference,
-                           check_forward_equals_plain_op, check_single_op_views_agree, check_view_matches_oracle,
-                           conservative, cuda, gen_for, rand, rel_err, with_module)
-
-NAMES = OPS["elementwise"]
+from helpers.cases import EPS, OPS, bad, gen_for, rand, rel_err
+from helpers.contract import OpContract
 
 
-# ---- every view x every backend vs the oracle ----------------------------------------------------
+# ---- the common op contract on this op's cases (tests/helpers/contract.py) --------------------------
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("name", NAMES)
-def test_relevance_matches_oracle(name, dtype, layout, backend):
-    check_view_matches_oracle(name, dtype, layout, backend, "R")
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("name", NAMES)
-def test_gradient_view_matches_oracle(name, dtype, layout, backend):
-    check_view_matches_oracle(name, dtype, layout, backend, "G")
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("view", ["MR", "MG"])
-@pytest.mark.parametrize("name", with_module(NAMES))
-def test_module_matches_oracle(name, view, backend):
-    """The module (both views) on each backend, float64: the dtypes are the drop-ins' (same rule)."""
-    check_view_matches_oracle(name, torch.float64, "transposed", backend, view)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("name", NAMES)
-def test_forward_equals_plain_op(name, dtype):
-    check_forward_equals_plain_op(name, dtype)
-
-
-@pytest.mark.parametrize("view", ["R", "G"])
-@pytest.mark.parametrize("name", conservative(NAMES))
-def test_conservation_eps_to_zero(name, view):
-    check_conservation_eps_to_zero(name, view)
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("name", NAMES)
-def test_single_op_views_agree(name, dtype):
-    check_single_op_views_agree(name, dtype)
+class TestElementwise(OpContract):
+    """Runs the common op contract (helpers/contract.py) on NAMES; the functions below are this op's own tests."""
+    NAMES = OPS["elementwise"]
+    BAD_INPUTS = [  # (call on a view module, exception type, words the message must contain)
+        (lambda V: V.add2(bad(2, 3), bad(4, 3)), ValueError, ["broadcast"]),
+        (lambda V: V.add(bad(2, 3)), ValueError, ["at least two"]),
+        (lambda V: V.add2(bad(2, 3), torch.ones(2, 3, dtype=torch.int32)), TypeError, ["input 1", "floating"]),
+        (lambda V: V.add2(bad(2, 3), bad(2, 3, device="meta")), ValueError, ["device"]),
+        (lambda V: V.add2(bad(2, 3), bad(2, 3), -0.1), ValueError, ["epsilon"]),
+        (lambda V: V.mul2(bad(2, 3), bad(3, 2)), ValueError, ["broadcast"]),
+        (lambda V: V.mul2(bad(2, 3), torch.ones(2, 3, dtype=torch.bool)), TypeError, ["b", "floating"]),
+        (lambda V: V.mul2(bad(2, 3), bad(2, 3, device="meta")), ValueError, ["device"]),
+        (lambda V: V.mean(bad(2, 5), 2), ValueError, ["dim"]),
+        (lambda V: V.mean(bad(2, 5), (1, -1)), ValueError, ["repeat"]),
+        (lambda V: V.mean(bad(2, 5), 1, False, -1.0), ValueError, ["epsilon"]),
+        (lambda V: V.normalize(bad(2, 5), 2.0, 3), ValueError, ["dim"]),
+        (lambda V: V.identity(torch.tanh, bad(2, 5), -1.0), ValueError, ["epsilon"]),
+        (lambda V: V.identity("tanh", bad(2, 5)), TypeError, ["fn", "callable"]),
+        (lambda V: V.identity(lambda t: t.sum(-1), bad(2, 5)), ValueError, ["element-wise"]),
+        (lambda V: V.identity(torch.tanh, torch.ones(3, dtype=torch.int64)), TypeError, ["x", "floating"]),
+        (lambda V: V.stop_relevance(torch.ones(3, dtype=torch.int64)), TypeError, ["x", "floating"]),
+    ]
 
 
 # ---- the modules -----------------------------------------------------------------------------------
@@ -144,44 +125,3 @@ def test_mean_scalar_and_empty_dims_follow_torch(view):
     assert out.shape == s.mean(0).shape
     out.backward(torch.ones_like(out))
     assert torch.isfinite(s.grad)
-
-
-# ---- bad input: clear errors -------------------------------------------------------------------
-
-BAD_INPUTS = [
-    # (call, exception type, words the message must contain)
-    (lambda V: V.add2(bad(2, 3), bad(4, 3)), ValueError, ["broadcast"]),
-    (lambda V: V.add(bad(2, 3)), ValueError, ["at least two"]),
-    (lambda V: V.add2(bad(2, 3), torch.ones(2, 3, dtype=torch.int32)), TypeError, ["input 1", "floating"]),
-    (lambda V: V.add2(bad(2, 3), bad(2, 3, device="meta")), ValueError, ["device"]),
-    (lambda V: V.add2(bad(2, 3), bad(2, 3), -0.1), ValueError, ["epsilon"]),
-    (lambda V: V.mul2(bad(2, 3), bad(3, 2)), ValueError, ["broadcast"]),
-    (lambda V: V.mul2(bad(2, 3), torch.ones(2, 3, dtype=torch.bool)), TypeError, ["b", "floating"]),
-    (lambda V: V.mul2(bad(2, 3), bad(2, 3, device="meta")), ValueError, ["device"]),
-    (lambda V: V.mean(bad(2, 5), 2), ValueError, ["dim"]),
-    (lambda V: V.mean(bad(2, 5), (1, -1)), ValueError, ["repeat"]),
-    (lambda V: V.mean(bad(2, 5), 1, False, -1.0), ValueError, ["epsilon"]),
-    (lambda V: V.normalize(bad(2, 5), 2.0, 3), ValueError, ["dim"]),
-    (lambda V: V.identity(torch.tanh, bad(2, 5), -1.0), ValueError, ["epsilon"]),
-    (lambda V: V.identity("tanh", bad(2, 5)), TypeError, ["fn", "callable"]),
-    (lambda V: V.identity(lambda t: t.sum(-1), bad(2, 5)), ValueError, ["element-wise"]),
-    (lambda V: V.identity(torch.tanh, torch.ones(3, dtype=torch.int64)), TypeError, ["x", "floating"]),
-    (lambda V: V.stop_relevance(torch.ones(3, dtype=torch.int64)), TypeError, ["x", "floating"]),
-]
-
-
-@pytest.mark.parametrize("view", [F, G], ids=["R", "G"])
-@pytest.mark.parametrize("idx", range(len(BAD_INPUTS)))
-def test_bad_input_raises_clear_error(idx, view):
-    check_bad_input_raises_clear_error(BAD_INPUTS[idx], view)
-
-
-# ---- CUDA (run by the GPU job: pytest -m gpu) --------------------------------------------------------
-
-@pytest.mark.gpu
-@cuda
-@pytest.mark.parametrize("view", ["R", "G"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("name", NAMES)
-def test_cuda_matches_cpu_reference(name, dtype, view):
-    check_cuda_matches_cpu_reference(name, dtype, view)

@@ -3,6 +3,9 @@ drop-in, gradient drop-in, ``LinearEpsilon`` module in both views) on every back
 triton through the interpreter on CPU) against the float64 oracle, the module's ``nn.Linear``
 contract, bad input, and the Triton kernel itself.
 
+``TestLinearEpsilon`` runs the common op contract (tests/helpers/contract.py) on this op's cases; the
+functions below it are this op's own tests.
+
 Case table, views and tolerances: tests/helpers/cases.py; kernel-level inputs and tolerances:
 tests/helpers/kernels.py. Kernel calls go through a NaN-poisoned allocator (``poison``).
 """
@@ -21,71 +24,33 @@ from lrp_kernels import modules as M
 from lrp_kernels.backends import dispatch
 
 from helpers import oracle as O
-from helpers.cases import (BACKENDS, DTYPES, LAYOUTS, OPS, TRITON, TRITON_VIEWS, bad,
-                           check_bad_input_raises_clear_error, check_bias_absorbs_relevance,
-                           check_conservation_eps_to_zero, check_cuda_matches_cpu_reference,
-                           check_forward_equals_plain_op, check_single_op_views_agree,
-                           check_view_matches_oracle, conservative, cuda, gen_for, rand, rel_err, with_module,
-                           with_triton)
+from helpers.cases import OPS, bad, check_bias_absorbs_relevance, gen_for, rand, rel_err
+from helpers.contract import OpContract
 from helpers.kernels import GPU_DTYPES, TOL as KERNEL_TOL, dyadic, gauss, gpu, needs_triton, triton_call
 
-NAMES = OPS["linear_epsilon"]
 pytestmark = pytest.mark.usefixtures("fixed_triton_config")
 
 
-# ---- every view x every backend vs the oracle ----------------------------------------------------
+# ---- the common op contract on this op's cases (tests/helpers/contract.py) --------------------------
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("name", NAMES)
-def test_relevance_matches_oracle(name, dtype, layout, backend):
-    check_view_matches_oracle(name, dtype, layout, backend, "R")
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("name", NAMES)
-def test_gradient_view_matches_oracle(name, dtype, layout, backend):
-    check_view_matches_oracle(name, dtype, layout, backend, "G")
+class TestLinearEpsilon(OpContract):
+    """Runs the common op contract (helpers/contract.py) on NAMES; the functions below are this op's own tests."""
+    NAMES = OPS["linear_epsilon"]
+    BAD_INPUTS = [  # (call on a view module, exception type, words the message must contain)
+        (lambda V: V.linear_epsilon(bad(2, 5), bad(3, 4)), ValueError, ["in_features", "x"]),
+        (lambda V: V.linear_epsilon(bad(2, 4), bad(3, 4), bad(4)), ValueError, ["bias", "(3,)"]),
+        (lambda V: V.linear_epsilon(bad(2, 4), bad(3, 4, 1)), ValueError, ["weight", "2-D"]),
+        (lambda V: V.linear_epsilon(torch.ones(2, 4, dtype=torch.int64), bad(3, 4)), TypeError, ["x", "floating"]),
+        (lambda V: V.linear_epsilon(bad(2, 4), bad(3, 4, device="meta")), ValueError, ["device", "weight"]),
+        (lambda V: V.linear_epsilon(bad(2, 4), bad(3, 4), None, -1e-3), ValueError, ["epsilon"]),
+        (lambda V: V.linear_epsilon(bad(2, 4), bad(3, 4), backend="cuda"), ValueError, ["backend"]),
+    ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("view", ["MR", "MG"])
-@pytest.mark.parametrize("name", with_module(NAMES))
-def test_module_matches_oracle(name, view, backend):
-    """The module (both views) on each backend, float64: the dtypes are the drop-ins' (same rule)."""
-    check_view_matches_oracle(name, torch.float64, "transposed", backend, view)
-
-
-@pytest.mark.parametrize("backend", [TRITON])
-@pytest.mark.parametrize("view,layout", TRITON_VIEWS)
-@pytest.mark.parametrize("name", with_triton(NAMES))
-def test_triton_backend_matches_oracle(name, view, layout, backend):
-    check_view_matches_oracle(name, torch.float32, layout, backend, view)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("name", NAMES)
-def test_forward_equals_plain_op(name, dtype):
-    check_forward_equals_plain_op(name, dtype)
-
-
-@pytest.mark.parametrize("view", ["R", "G"])
-@pytest.mark.parametrize("name", conservative(NAMES))
-def test_conservation_eps_to_zero(name, view):
-    check_conservation_eps_to_zero(name, view)
-
+# ---- the rule's own properties ---------------------------------------------------------------------
 
 def test_bias_absorbs_relevance():
     check_bias_absorbs_relevance("linear_bias")
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("name", NAMES)
-def test_single_op_views_agree(name, dtype):
-    check_single_op_views_agree(name, dtype)
 
 
 def test_linear_weight_and_bias_get_no_relevance():
@@ -165,24 +130,6 @@ def test_linear_epsilon_gradient_view_and_deepcopy():
 
 
 # ---- bad input: clear errors -------------------------------------------------------------------
-
-BAD_INPUTS = [
-    # (call, exception type, words the message must contain)
-    (lambda V: V.linear_epsilon(bad(2, 5), bad(3, 4)), ValueError, ["in_features", "x"]),
-    (lambda V: V.linear_epsilon(bad(2, 4), bad(3, 4), bad(4)), ValueError, ["bias", "(3,)"]),
-    (lambda V: V.linear_epsilon(bad(2, 4), bad(3, 4, 1)), ValueError, ["weight", "2-D"]),
-    (lambda V: V.linear_epsilon(torch.ones(2, 4, dtype=torch.int64), bad(3, 4)), TypeError, ["x", "floating"]),
-    (lambda V: V.linear_epsilon(bad(2, 4), bad(3, 4, device="meta")), ValueError, ["device", "weight"]),
-    (lambda V: V.linear_epsilon(bad(2, 4), bad(3, 4), None, -1e-3), ValueError, ["epsilon"]),
-    (lambda V: V.linear_epsilon(bad(2, 4), bad(3, 4), backend="cuda"), ValueError, ["backend"]),
-]
-
-
-@pytest.mark.parametrize("view", [F, G], ids=["R", "G"])
-@pytest.mark.parametrize("idx", range(len(BAD_INPUTS)))
-def test_bad_input_raises_clear_error(idx, view):
-    check_bad_input_raises_clear_error(BAD_INPUTS[idx], view)
-
 
 def test_mixed_dtypes_raise():
     x = torch.randn(2, 4)
@@ -285,15 +232,6 @@ def test_linear_public_api_both_views_agree(poison):
 
 
 # ---- CUDA (run by the GPU job: pytest -m gpu) --------------------------------------------------------
-
-@pytest.mark.gpu
-@cuda
-@pytest.mark.parametrize("view", ["R", "G"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("name", NAMES)
-def test_cuda_matches_cpu_reference(name, dtype, view):
-    check_cuda_matches_cpu_reference(name, dtype, view)
-
 
 @pytest.mark.gpu
 @gpu

@@ -5,10 +5,15 @@ against the float64 oracle, the modules' ``nn.RMSNorm`` / ``nn.LayerNorm`` contr
 and the C++ kernels themselves (kernel ops vs oracle and torch fallback, public drop-ins per
 call / ``use_backend`` / auto; building and falling back: tests/backends/test_cpp_build.py).
 
+``TestNorm`` runs the common op contract (tests/helpers/contract.py) on this op's cases; the
+functions below it are this op's own tests.
+
 Case table, views and tolerances: tests/helpers/cases.py; C++ inputs and tolerances:
 tests/helpers/cpp.py.
 """
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -20,63 +25,31 @@ from lrp_kernels import modules as M
 from lrp_kernels.backends import dispatch
 
 from helpers import oracle as O
-from helpers.cases import (BACKENDS, DTYPES, LAYOUTS, OPS, bad, check_bad_input_raises_clear_error,
-                           check_bias_absorbs_relevance, check_conservation_eps_to_zero,
-                           check_cuda_matches_cpu_reference, check_forward_equals_plain_op,
-                           check_single_op_views_agree, check_view_matches_oracle, conservative, cuda, gen_for,
-                           rand, rel_err, with_module)
+from helpers.cases import OPS, bad, check_bias_absorbs_relevance, gen_for, rand, rel_err
+from helpers.contract import OpContract
 from helpers.cpp import (OPS as CPP_OPS, ORACLE_TOL, _cpp, assert_ln_relevance, close_to_torch,
                          extension_or_skip, inputs, rel)
 
-NAMES = OPS["norm"]
+
+# ---- the common op contract on this op's cases (tests/helpers/contract.py) --------------------------
+
+class TestNorm(OpContract):
+    """Runs the common op contract (helpers/contract.py) on NAMES; the functions below are this op's own tests."""
+    NAMES = OPS["norm"]
+    BAD_INPUTS = [  # (call on a view module, exception type, words the message must contain)
+        (lambda V: V.rms_norm_identity(bad(2, 5), bad(4)), ValueError, ["weight", "(5,)"]),
+        (lambda V: V.rms_norm_identity(bad(2, 5), bad(5), -1.0), ValueError, ["eps"]),
+        (lambda V: V.rms_norm_identity(bad(2, 5), bad(5, device="meta")), ValueError, ["device"]),
+        (lambda V: V.layer_norm(bad(2, 5), bad(5), bad(3)), ValueError, ["bias", "(5,)"]),
+        (lambda V: V.layer_norm(bad(2, 5), None, None, 1e-5, -1.0), ValueError, ["epsilon"]),
+        (lambda V: V.layer_norm(torch.ones(2, 5, dtype=torch.int64)), TypeError, ["x", "floating"]),
+    ]
 
 
-# ---- every view x every backend vs the oracle ----------------------------------------------------
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("name", NAMES)
-def test_relevance_matches_oracle(name, dtype, layout, backend):
-    check_view_matches_oracle(name, dtype, layout, backend, "R")
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("name", NAMES)
-def test_gradient_view_matches_oracle(name, dtype, layout, backend):
-    check_view_matches_oracle(name, dtype, layout, backend, "G")
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("view", ["MR", "MG"])
-@pytest.mark.parametrize("name", with_module(NAMES))
-def test_module_matches_oracle(name, view, backend):
-    """The module (both views) on each backend, float64: the dtypes are the drop-ins' (same rule)."""
-    check_view_matches_oracle(name, torch.float64, "transposed", backend, view)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("name", NAMES)
-def test_forward_equals_plain_op(name, dtype):
-    check_forward_equals_plain_op(name, dtype)
-
-
-@pytest.mark.parametrize("view", ["R", "G"])
-@pytest.mark.parametrize("name", conservative(NAMES))
-def test_conservation_eps_to_zero(name, view):
-    check_conservation_eps_to_zero(name, view)
-
+# ---- the rule's own properties ---------------------------------------------------------------------
 
 def test_bias_absorbs_relevance():
     check_bias_absorbs_relevance("layer_norm_wb")
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("name", NAMES)
-def test_single_op_views_agree(name, dtype):
-    check_single_op_views_agree(name, dtype)
 
 
 # ---- the modules -----------------------------------------------------------------------------------
@@ -126,25 +99,6 @@ def test_rms_norm_identity_module():
     xg = x.detach().clone().requires_grad_()
     mod_g(xg).backward(start)
     assert rel_err(xg.grad, O.rms_norm_G(x, ref.weight, start, 1e-6)) <= 1e-10
-
-
-# ---- bad input: clear errors -------------------------------------------------------------------
-
-BAD_INPUTS = [
-    # (call, exception type, words the message must contain)
-    (lambda V: V.rms_norm_identity(bad(2, 5), bad(4)), ValueError, ["weight", "(5,)"]),
-    (lambda V: V.rms_norm_identity(bad(2, 5), bad(5), -1.0), ValueError, ["eps"]),
-    (lambda V: V.rms_norm_identity(bad(2, 5), bad(5, device="meta")), ValueError, ["device"]),
-    (lambda V: V.layer_norm(bad(2, 5), bad(5), bad(3)), ValueError, ["bias", "(5,)"]),
-    (lambda V: V.layer_norm(bad(2, 5), None, None, 1e-5, -1.0), ValueError, ["epsilon"]),
-    (lambda V: V.layer_norm(torch.ones(2, 5, dtype=torch.int64)), TypeError, ["x", "floating"]),
-]
-
-
-@pytest.mark.parametrize("view", [F, G], ids=["R", "G"])
-@pytest.mark.parametrize("idx", range(len(BAD_INPUTS)))
-def test_bad_input_raises_clear_error(idx, view):
-    check_bad_input_raises_clear_error(BAD_INPUTS[idx], view)
 
 
 # ---- the C++ kernels: kernel ops vs oracle and torch fallback ---------------------------------------
@@ -257,23 +211,27 @@ def spy(monkeypatch):
     return counts
 
 
+def run_both_views(how, drop_in, x, gy, *args):
+    """The drop-in ``drop_in`` on a fresh leaf copy of ``x`` in the R and G views, backward with
+    ``gy``, on the cpp backend chosen ``how`` (per call ``backend=``, ``use_backend``, or auto);
+    returns {"R": (output, x's grad), "G": (output, x's grad)}."""
+    kw = {"backend": "cpp"} if how == "backend=" else {}
+    outs = {}
+    for name, view in (("R", F), ("G", G)):
+        xr = x.clone().requires_grad_()
+        with dispatch.use_backend("cpp") if how == "use_backend" else contextlib.nullcontext():
+            y = getattr(view, drop_in)(xr, *args, **kw)
+            y.backward(gy)
+        outs[name] = (y, xr.grad)
+    return outs
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("how", ["backend=", "use_backend", "auto"])
 def test_public_rms_norm_both_views(ext, spy, monkeypatch, dtype, how):
     monkeypatch.delenv("LRP_KERNELS_BACKEND", raising=False)
     x, w, _, gy = inputs((2, 3, 129), dtype, seed=5)
-    kw = {"backend": "cpp"} if how == "backend=" else {}
-    outs = {}
-    for name, view in (("R", F), ("G", G)):
-        xr = x.clone().requires_grad_()
-        if how == "use_backend":
-            with dispatch.use_backend("cpp"):
-                y = view.rms_norm_identity(xr, w, 1e-6)
-                y.backward(gy)
-        else:
-            y = view.rms_norm_identity(xr, w, 1e-6, **kw)
-            y.backward(gy)
-        outs[name] = (y, xr.grad)
+    outs = run_both_views(how, "rms_norm_identity", x, gy, w, 1e-6)
     assert spy["rms_norm_forward"] == 2 and spy["rms_norm_backward"] == 1  # R view: no kernel
     tol = ORACLE_TOL[dtype]
     assert rel(outs["G"][0], O.rms_norm(x, w, 1e-6)) < tol
@@ -288,34 +246,15 @@ def test_public_rms_norm_both_views(ext, spy, monkeypatch, dtype, how):
 def test_public_layer_norm_both_views(ext, spy, monkeypatch, dtype, how):
     monkeypatch.delenv("LRP_KERNELS_BACKEND", raising=False)
     x, w, b, gy = inputs((3, 4, 67), dtype, seed=9)
-    kw = {"backend": "cpp"} if how == "backend=" else {}
-    grads = {}
-    for name, view in (("R", F), ("G", G)):
-        xr = x.clone().requires_grad_()
-        if how == "use_backend":
-            with dispatch.use_backend("cpp"):
-                y = view.layer_norm(xr, w, b, 1e-5, 1e-6)
-                y.backward(gy)
-        else:
-            y = view.layer_norm(xr, w, b, 1e-5, 1e-6, **kw)
-            y.backward(gy)
+    outs = run_both_views(how, "layer_norm", x, gy, w, b, 1e-5, 1e-6)
+    for y, _ in outs.values():
         assert rel(y, O.layer_norm(x, w, b, 1e-5)) < ORACLE_TOL[dtype]
-        grads[name] = xr.grad
     assert spy["layer_norm_forward"] == 2 and spy["layer_norm_backward"] == 2
-    assert_ln_relevance(grads["R"], x, w, b, gy, 1e-5, 1e-6, dtype)
-    assert rel(grads["G"], O.layer_norm_G(x, w, gy, 1e-5)) < ORACLE_TOL[dtype]
+    assert_ln_relevance(outs["R"][1], x, w, b, gy, 1e-5, 1e-6, dtype)
+    assert rel(outs["G"][1], O.layer_norm_G(x, w, gy, 1e-5)) < ORACLE_TOL[dtype]
 
 
 # ---- CUDA (run by the GPU job: pytest -m gpu) --------------------------------------------------------
-
-@pytest.mark.gpu
-@cuda
-@pytest.mark.parametrize("view", ["R", "G"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("name", NAMES)
-def test_cuda_matches_cpu_reference(name, dtype, view):
-    check_cuda_matches_cpu_reference(name, dtype, view)
-
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -2,6 +2,9 @@
 ``SoftmaxDT`` module in both views) on every backend (torch; triton through the interpreter on
 CPU) against the float64 oracle, masks, bad input, and the Triton kernel itself.
 
+``TestSoftmax`` runs the common op contract (tests/helpers/contract.py) on this op's cases; the
+functions below it are this op's own tests.
+
 Case table, views and tolerances: tests/helpers/cases.py; kernel-level inputs and tolerances:
 tests/helpers/kernels.py. Kernel calls go through a NaN-poisoned allocator (``poison``), so an
 element the kernel forgot to write shows up as NaN.
@@ -18,60 +21,27 @@ from lrp_kernels import modules as M
 from lrp_kernels.backends import dispatch
 
 from helpers import oracle as O
-from helpers.cases import (BACKENDS, DTYPES, LAYOUTS, OPS, TOL, TRITON, TRITON_VIEWS, bad,
-                           check_bad_input_raises_clear_error, check_cuda_matches_cpu_reference,
-                           check_forward_equals_plain_op, check_single_op_views_agree,
-                           check_view_matches_oracle, cuda, gen_for, rand, rel_err, with_module, with_triton)
+from helpers.cases import DTYPES, OPS, TOL, bad, gen_for, rand, rel_err
+from helpers.contract import OpContract
 from helpers.kernels import GPU_DTYPES, TOL as KERNEL_TOL, gauss, gpu, needs_triton, triton_call
 
-NAMES = OPS["softmax"]
 pytestmark = pytest.mark.usefixtures("fixed_triton_config")
 
 
-# ---- every view x every backend vs the oracle ----------------------------------------------------
+# ---- the common op contract on this op's cases (tests/helpers/contract.py) --------------------------
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("name", NAMES)
-def test_relevance_matches_oracle(name, dtype, layout, backend):
-    check_view_matches_oracle(name, dtype, layout, backend, "R")
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("name", NAMES)
-def test_gradient_view_matches_oracle(name, dtype, layout, backend):
-    check_view_matches_oracle(name, dtype, layout, backend, "G")
+class TestSoftmax(OpContract):
+    """Runs the common op contract (helpers/contract.py) on NAMES; the functions below are this op's own tests."""
+    NAMES = OPS["softmax"]
+    BAD_INPUTS = [  # (call on a view module, exception type, words the message must contain)
+        (lambda V: V.softmax(bad(2, 3), 2), ValueError, ["dim"]),
+        (lambda V: V.softmax(bad(2, 3), -3), ValueError, ["dim"]),
+        (lambda V: V.softmax(bad(2, 3), -1, None, 0.0), ValueError, ["temperature"]),
+        (lambda V: V.softmax(torch.ones(2, 3, dtype=torch.int64), -1), TypeError, ["x", "floating"]),
+    ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("view", ["MR", "MG"])
-@pytest.mark.parametrize("name", with_module(NAMES))
-def test_module_matches_oracle(name, view, backend):
-    """The module (both views) on each backend, float64: the dtypes are the drop-ins' (same rule)."""
-    check_view_matches_oracle(name, torch.float64, "transposed", backend, view)
-
-
-@pytest.mark.parametrize("backend", [TRITON])
-@pytest.mark.parametrize("view,layout", TRITON_VIEWS)
-@pytest.mark.parametrize("name", with_triton(NAMES))
-def test_triton_backend_matches_oracle(name, view, layout, backend):
-    check_view_matches_oracle(name, torch.float32, layout, backend, view)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("name", NAMES)
-def test_forward_equals_plain_op(name, dtype):
-    check_forward_equals_plain_op(name, dtype)
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("name", NAMES)
-def test_single_op_views_agree(name, dtype):
-    check_single_op_views_agree(name, dtype)
-
+# ---- the rule's own properties ---------------------------------------------------------------------
 
 def test_softmax_dt_is_not_conservative():
     """The rule 'with bias' absorbs relevance: with R_s = s each row's relevance sums to 0."""
@@ -189,23 +159,6 @@ def test_softmax_ignores_relevance_arriving_at_masked_entries():
     assert torch.isfinite(got[0]).all() and (got[0][:, 2] == 0).all()
 
 
-# ---- bad input: clear errors -------------------------------------------------------------------
-
-BAD_INPUTS = [
-    # (call, exception type, words the message must contain)
-    (lambda V: V.softmax(bad(2, 3), 2), ValueError, ["dim"]),
-    (lambda V: V.softmax(bad(2, 3), -3), ValueError, ["dim"]),
-    (lambda V: V.softmax(bad(2, 3), -1, None, 0.0), ValueError, ["temperature"]),
-    (lambda V: V.softmax(torch.ones(2, 3, dtype=torch.int64), -1), TypeError, ["x", "floating"]),
-]
-
-
-@pytest.mark.parametrize("view", [F, G], ids=["R", "G"])
-@pytest.mark.parametrize("idx", range(len(BAD_INPUTS)))
-def test_bad_input_raises_clear_error(idx, view):
-    check_bad_input_raises_clear_error(BAD_INPUTS[idx], view)
-
-
 # ---- the Triton kernel (softmax_dt_backward) --------------------------------------------------------
 
 def masked_logits(shape, dim, gen, dtype=torch.float32):
@@ -284,15 +237,6 @@ def test_softmax_noncontiguous_and_fully_masked(poison, relevance):
 
 
 # ---- CUDA (run by the GPU job: pytest -m gpu) --------------------------------------------------------
-
-@pytest.mark.gpu
-@cuda
-@pytest.mark.parametrize("view", ["R", "G"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("name", NAMES)
-def test_cuda_matches_cpu_reference(name, dtype, view):
-    check_cuda_matches_cpu_reference(name, dtype, view)
-
 
 @pytest.mark.gpu
 @gpu
