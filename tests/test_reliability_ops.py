@@ -61,3 +61,24 @@ def test_drop_ins_refuse_bad_epsilons(epsilon):
     x, w = torch.randn(2, 4, requires_grad=True), torch.randn(3, 4)
     with pytest.raises(ValueError, match="epsilon"):
         lf.linear_epsilon(x, w, None, epsilon)
+
+
+def test_inplace_successor_of_a_linear_like_module_in_a_patched_model():
+    """Falcon (no family, strict=False): ``mlp_output += attention_output`` on the output of a
+    FalconLinear (an nn.Linear subclass with its own forward: the generic epsilon rule)."""
+    import warnings
+
+    import transformers as tr
+
+    torch.manual_seed(0)
+    model = tr.FalconForCausalLM(tr.FalconConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                                                 num_attention_heads=2, parallel_attn=True,
+                                                 new_decoder_architecture=False)).eval()
+    ids = torch.randint(0, 50, (1, 5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no family": named parts keep their plain gradient
+        handle = lrp_kernels.patch(model, strict=False)
+    with handle:
+        emb = model.get_input_embeddings()(ids).requires_grad_()
+        model(inputs_embeds=emb).logits[0, -1].max().backward()
+    assert torch.isfinite(emb.grad).all() and emb.grad.abs().sum() > 0

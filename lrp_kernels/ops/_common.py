@@ -199,14 +199,16 @@ def record(op_name: str, inputs: _Tensors, input_grads: _Tensors, outputs: _Tens
     return rec.add(op_name, inputs, input_grads, outputs, output_grads, relevance_view, expected)
 
 
-def record_module(op: str, fn, inputs: Sequence[torch.Tensor], expected) -> torch.Tensor:
-    """``fn(*inputs)``; while a check records, also one record of the rule that ``fn`` applies,
-    from the gradient its output receives and the gradients its *own* inputs receive (through
-    fresh views, so gradients reaching an input from other consumers are not counted).
-    Gradient view. ``fn`` must return one tensor."""
+def record_module(op: str, fn, inputs: Sequence[torch.Tensor], expected, then=None) -> torch.Tensor:
+    """``then(fn(*inputs))`` (``then`` defaults to the identity); while a check records, also one
+    record of the rule applied, from the gradient ``fn``'s output receives (before ``then``, which
+    may rescale it through a hook) and the gradients its *own* inputs receive (through fresh
+    views, so gradients reaching an input from other consumers are not counted). Gradient view.
+    ``fn`` must return one tensor."""
+    then = then or (lambda t: t)
     rec = _RECORDER
     if rec is None or not any(x.requires_grad for x in inputs):
-        return fn(*inputs)
+        return then(fn(*inputs))
     own = tuple(x.view_as(x) if x.requires_grad else x for x in inputs)
     y = fn(*own)
     token = rec.on_forward(op, tuple(inputs), y)
@@ -221,9 +223,9 @@ def record_module(op: str, fn, inputs: Sequence[torch.Tensor], expected) -> torc
             full = tuple(next(it) if x.requires_grad else None for x in own)
             rec.on_backward(token, full, seen.pop("g"), False, expected)
 
-    y.register_hook(on_output)
+    y.register_hook(on_output)  # first: it sees the gradient before then's rescaling
     torch.autograd.graph.register_multi_grad_hook([x for x in own if x.requires_grad], on_inputs)
-    return y
+    return then(y)
 
 
 # ---- which modules a gradient-view patch owns (relevance-view rules there would mix views) ----

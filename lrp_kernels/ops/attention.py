@@ -55,7 +55,7 @@ import torch
 from ..backends import dispatch
 from ._common import (DEFAULT_EPSILON, check_epsilon, check_float, check_same_device, compute_dtype,
                       pin_backend, record_backward, record_forward, record_module, stabilize)
-from .linear_epsilon import EpsilonOutputFn
+from .linear_epsilon import rescale_output_gradient
 
 RULES = ("attnlrp", "cp-lrp")
 IMPLS = ("auto", "eager", "chunked", "flash")
@@ -513,11 +513,13 @@ def attnlrp_platform(attention_fn: Callable[[torch.Tensor, torch.Tensor, torch.T
     backend = pin_backend(backend)
     attn = rule == "attnlrp"
 
-    def rescaled(q, k, v):
+    def attention(q, k, v):
         if attn:
             q, k = _GradScaleFn.apply(q, 0.5), _GradScaleFn.apply(k, 0.5)
         else:
             q, k = q.detach(), k.detach()
-        return EpsilonOutputFn.apply(attention_fn(q, k, v), epsilon, backend, 2.0 if attn else 1.0)
+        return attention_fn(q, k, v)
 
-    return record_module(f"attention({rule}, platform)", rescaled, (query, key, value), expected=not attn)
+    return record_module(f"attention({rule}, platform)", attention, (query, key, value), expected=not attn,
+                         then=lambda o: rescale_output_gradient(o, epsilon, backend=backend,
+                                                                share=2.0 if attn else 1.0))

@@ -14,12 +14,12 @@ in the relevance view. The torch backend computes it as an element-wise rescale 
 by :func:`epsilon_factor` of ``z`` (computed in the forward) followed by the platform GEMM
 (kernel op ``linear_epsilon_backward_factored``); the fused Triton kernel does both in one
 GEMM. The weight and bias receive no relevance (they are parameters). The
-gradient view keeps only ``z`` for the backward (not ``x``): the memory of a plain
-frozen-weight linear plus its output.
+gradient view keeps only the factor of ``z`` for the backward (not ``x``, not ``z``): the
+memory of a plain frozen-weight linear plus one output-sized tensor.
 
 The same rule holds for any module ``f`` that acts linearly on its input (convolutions,
 quantised linears): ``G_x = vjp(f, x)(G_y * y / stab(y))``, the module's own plain backward
-after the output scaling of :func:`epsilon_scale` (:func:`epsilon_module`, kernel op
+after the output scaling (:func:`epsilon_module`, :func:`rescale_output_gradient`, kernel op
 ``epsilon_output_backward``). :func:`epsilon_scale` is the output side of every epsilon rule
 in the package (also the VJP rules of :mod:`lrp_kernels.explicit.rules`).
 """
@@ -196,31 +196,27 @@ def linear_epsilon_backward(grad_z: torch.Tensor, x: torch.Tensor, weight: torch
 
 # ---- any linear-acting module: the module's own backward after the output scaling ----------
 
-def epsilon_output_backward_torch(grad_y: torch.Tensor, y: torch.Tensor, epsilon: float,
-                                  share: float = 1.0) -> torch.Tensor:
-    """``G_y * y / (share * stab(y))`` in ``grad_y``'s dtype."""
-    return epsilon_scale(grad_y, y, epsilon, relevance=False, share=share).to(grad_y.dtype)
+def epsilon_output_backward_torch(grad_y: torch.Tensor, factor: torch.Tensor, share: float = 1.0) -> torch.Tensor:
+    """``G_y * y / (share * stab(y))`` from :func:`epsilon_factor` of ``y``, in ``grad_y``'s dtype."""
+    return apply_epsilon_factor(grad_y, factor, relevance=False, share=share).to(grad_y.dtype)
 
 
 dispatch.register("epsilon_output_backward", "torch", epsilon_output_backward_torch)
 
 
-class EpsilonOutputFn(torch.autograd.Function):
-    """Forward: ``y`` unchanged. Backward: ``G_y * y / (share * stab(y))``, so that the producing
-    module's own plain backward completes the epsilon rule (gradient view; ``share = 2`` for the
-    uniform-epsilon rule of a product of two inputs)."""
+def rescale_output_gradient(y: torch.Tensor, epsilon: float, *, backend: Optional[str] = None,
+                            share: float = 1.0) -> torch.Tensor:
+    """``y`` itself, whose incoming gradient will be scaled by ``y / (share * stab(y))``: the
+    producing function's own plain backward then completes the epsilon rule (gradient view).
 
-    @staticmethod
-    def forward(ctx, y, epsilon, backend, share=1.0):
-        ctx.epsilon, ctx.backend, ctx.share = epsilon, backend, share
-        ctx.save_for_backward(y)
-        return y.view_as(y)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        (y,) = ctx.saved_tensors
-        g = dispatch.call("epsilon_output_backward", grad_y, y, ctx.epsilon, ctx.share, backend=ctx.backend)
-        return g, None, None, None
+    A tensor hook, not a new autograd node: ``y`` stays the producer's output (no view), so
+    in-place successors (``out += ...``) work, and the factor is taken from ``y`` now, before
+    any of them can change it.
+    """
+    if y.requires_grad:
+        factor = epsilon_factor(y.detach(), epsilon, relevance=False)
+        y.register_hook(lambda g: dispatch.call("epsilon_output_backward", g, factor, share, backend=backend))
+    return y
 
 
 def epsilon_module(fn, x: torch.Tensor, epsilon: float = DEFAULT_EPSILON, *, backend: Optional[str] = None,
@@ -231,5 +227,5 @@ def epsilon_module(fn, x: torch.Tensor, epsilon: float = DEFAULT_EPSILON, *, bac
     the conservation check does not expect conservation)."""
     check_epsilon(epsilon)
     backend = pin_backend(backend)
-    return record_module(name, lambda t: EpsilonOutputFn.apply(fn(t), epsilon, backend), (x,),
-                         expected=not has_bias)
+    return record_module(name, fn, (x,), expected=not has_bias,
+                         then=lambda y: rescale_output_gradient(y, epsilon, backend=backend))
