@@ -125,7 +125,9 @@ def is_dropout(module: nn.Module) -> bool:
 
 def install_linear(handle, name: str, module: nn.Linear) -> None:
     def forward(x):
-        return grad.linear_epsilon(x, module.weight, module.bias, handle.epsilon, backend=handle.backend)
+        # outputs the next rule saves anyway (a gated MLP's gate and up) are kept as they are
+        return grad.linear_epsilon(x, module.weight, module.bias, handle.epsilon, backend=handle.backend,
+                                   share_output=module in handle.outputs_saved_downstream)
     handle.rebind(module, lambda orig: forward)
 
 
@@ -222,6 +224,9 @@ def gated_mlp_forward(handle, module: nn.Module, gate: str = "gate_proj", up: st
 
 
 def install_gated_mlp(handle, name: str, module: nn.Module) -> None:
+    for proj in ("gate_proj", "up_proj"):  # gated_product saves both outputs: share them
+        if isinstance(getattr(module, proj, None), nn.Module):
+            handle.outputs_saved_downstream.add(getattr(module, proj))
     handle.rebind(module, lambda orig: gated_mlp_forward(handle, module))
 
 

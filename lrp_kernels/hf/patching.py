@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
+import weakref
 from typing import Callable, Iterator, Optional
 
 from torch import nn
@@ -65,6 +66,8 @@ class PatchHandle:
         self.backend: Optional[str] = None if backend == "auto" else backend  # passed to the ops
         self.backend_name = backend
         self.applied: dict[str, str] = {}  # module name -> rule installed
+        # linears whose output the next rule saves anyway: they keep it, not a factor of it
+        self.outputs_saved_downstream: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
         self.unsupported: list[str] = []
         self._undo: list[Callable[[], None]] = []
         self.active = False

@@ -25,9 +25,10 @@ def build(relevance_view: bool) -> dict:
     """The drop-in functions with ``relevance=relevance_view``, keyed by name."""
     def linear_epsilon(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                        epsilon: float = DEFAULT_EPSILON, *, backend: Optional[str] = None,
-                       recompute: bool = False) -> torch.Tensor:
+                       recompute: bool = False, share_output: bool = False) -> torch.Tensor:
         """``F.linear``; backward ``R_x = x * ((R_z / stab(z)) @ W)``."""
-        return _lin.linear_epsilon(x, weight, bias, epsilon, relevance=relevance_view, backend=backend, recompute=recompute)
+        return _lin.linear_epsilon(x, weight, bias, epsilon, relevance=relevance_view, backend=backend,
+                                   recompute=recompute, share_output=share_output)
 
     def add2(a: torch.Tensor, b: torch.Tensor, epsilon: float = DEFAULT_EPSILON, *,
              backend: Optional[str] = None) -> torch.Tensor:

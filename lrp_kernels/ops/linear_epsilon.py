@@ -130,21 +130,25 @@ class LinearEpsilonFn(torch.autograd.Function):
     * ``torch`` (rescale + platform GEMM): only :func:`epsilon_factor` of ``z`` (``z``-sized)
       and, in the relevance view, ``x``: the gradient view keeps what a plain frozen linear
       keeps plus one output-sized tensor, and an in-place successor (``ReLU(inplace=True)``,
-      ``out += ...``) cannot change what the rule uses;
+      ``out += ...``) cannot change what the rule uses. With ``share_output=True`` it keeps
+      ``z`` itself instead (the factor is formed in the backward): no memory at all when the
+      next op saves ``z`` anyway (a gated MLP's product), but ``z`` must then not be modified
+      in place;
     * a fused kernel (``triton``, when forced): ``z`` (and ``x`` in the relevance view);
     * ``recompute=True``: ``x`` only, ``z`` is rebuilt in the backward (long contexts).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, epsilon, relevance, backend, recompute):
+    def forward(ctx, x, weight, bias, epsilon, relevance, backend, recompute, share_output=False):
         z = torch.nn.functional.linear(x, weight, bias)
         ctx.epsilon, ctx.relevance, ctx.backend, ctx.recompute = epsilon, relevance, backend, recompute
         ctx.x_shape = x.shape
         ctx.factored = not recompute and dispatch.chosen_backend(
             "linear_epsilon_backward", stand_in(z, z.shape), x, weight, bias, stand_in(z, z.shape), epsilon,
             relevance, backend=backend) == "torch"
+        ctx.saved_output = ctx.factored and share_output
         keep_x = relevance or recompute
-        if ctx.factored:
+        if ctx.factored and not share_output:
             saved = epsilon_factor(z, epsilon, relevance)
         else:
             saved = None if recompute else z
@@ -160,14 +164,15 @@ class LinearEpsilonFn(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             if ctx.factored:
-                grad_x = dispatch.call("linear_epsilon_backward_factored", grad_z, x, weight, saved, ctx.relevance,
+                factor = epsilon_factor(saved, ctx.epsilon, ctx.relevance) if ctx.saved_output else saved
+                grad_x = dispatch.call("linear_epsilon_backward_factored", grad_z, x, weight, factor, ctx.relevance,
                                        backend=ctx.backend)
             else:
                 grad_x = dispatch.call("linear_epsilon_backward", grad_z, x, weight, bias, saved,
                                        ctx.epsilon, ctx.relevance, backend=ctx.backend)
             # conservative only without a bias (the bias absorbs its share)
             record_backward(ctx, (grad_x,), grad_z, ctx.relevance, lambda: is_zero(bias))
-        return grad_x, None, None, None, None, None, None
+        return grad_x, None, None, None, None, None, None, None
 
 
 def linear_epsilon(
@@ -179,10 +184,14 @@ def linear_epsilon(
     relevance: bool = True,
     backend: Optional[str] = None,
     recompute: bool = False,
+    share_output: bool = False,
 ) -> torch.Tensor:
-    """``F.linear`` whose backward is the epsilon rule (relevance view by default)."""
+    """``F.linear`` whose backward is the epsilon rule (relevance view by default).
+
+    ``recompute``: keep only ``x`` and rebuild ``z`` in the backward; ``share_output``: keep
+    ``z`` itself (see :class:`LinearEpsilonFn` for what each keeps)."""
     check_linear(x, weight, bias, epsilon)
-    return LinearEpsilonFn.apply(x, weight, bias, epsilon, relevance, pin_backend(backend), recompute)
+    return LinearEpsilonFn.apply(x, weight, bias, epsilon, relevance, pin_backend(backend), recompute, share_output)
 
 
 def linear_epsilon_backward(grad_z: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,

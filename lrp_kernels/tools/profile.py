@@ -199,17 +199,25 @@ def _checkpointing(model, enabled: bool) -> Iterator[None]:
         model.train(was_training)
 
 
-def _patched(model, backend: str, rules: str):
+def _patched(model, backend: str, rules: str, attention: str = "auto"):
     from ..hf.patching import patch
 
-    return patch(model, rules=rules, backend=backend)
+    return patch(model, rules=rules, backend=backend, attention=attention)
+
+
+def _mode_attention(mode: str) -> str:
+    """``lrp`` -> the patch's default attention, ``lrp-exact`` -> ``"exact"``."""
+    return mode.split("-", 1)[1] if "-" in mode else "auto"
 
 
 def profile(model, seq_lens: Sequence[int], *, batch: int = 1, checkpointing: bool = False,
             backend: str = "auto", rules: str = "attnlrp", warmup: int = 16, seed: int = 0,
-            progress: bool = True) -> list[dict]:
+            progress: bool = True, attentions: Sequence[str] = ("auto",)) -> list[dict]:
     """Rows (one per length and mode) with forward/backward/total seconds, peak bytes and, for
-    the ``lrp`` rows, ``time_ratio`` / ``memory_ratio`` to the ``plain`` row of that length."""
+    the ``lrp`` rows, ``time_ratio`` / ``memory_ratio`` to the ``plain`` row of that length.
+
+    ``attentions``: the patch's ``attention=`` choices to measure, one ``lrp`` row each
+    (``"auto"`` -> mode ``lrp``, ``"exact"`` -> ``lrp-exact``, ...)."""
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
@@ -217,13 +225,14 @@ def profile(model, seq_lens: Sequence[int], *, batch: int = 1, checkpointing: bo
     vocab = model.get_input_embeddings().num_embeddings
     gen = torch.Generator().manual_seed(seed)
     rows = []
-    modes = ("plain", "lrp")
+    modes = ("plain",) + tuple("lrp" if a == "auto" else f"lrp-{a}" for a in attentions)
     with _frozen(model), _checkpointing(model, checkpointing):
         if warmup:  # compile kernels, fill caches: not timed
             ids = torch.randint(vocab, (batch, warmup), generator=gen).to(device)
             _explain_once(model, ids, device, lambda _: None)
-            with _patched(model, backend, rules):
-                _explain_once(model, ids, device, lambda _: None)
+            for a in attentions:
+                with _patched(model, backend, rules, a):
+                    _explain_once(model, ids, device, lambda _: None)
         for n in seq_lens:
             ids = torch.randint(vocab, (batch, int(n)), generator=gen).to(device)
             bar = tqdm(total=2 * len(modes), desc=f"seq {n}", unit="phase", disable=not progress, leave=False)
@@ -233,15 +242,15 @@ def profile(model, seq_lens: Sequence[int], *, batch: int = 1, checkpointing: bo
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 step = lambda phase, m=mode: (bar.set_postfix_str(f"{m} {phase}"), bar.update(1))  # noqa: E731
-                if mode == "lrp":
-                    with _patched(model, backend, rules):
+                if mode != "plain":
+                    with _patched(model, backend, rules, _mode_attention(mode)):
                         res = _explain_once(model, ids, device, step)
                 else:
                     res = _explain_once(model, ids, device, step)
                 by_mode[mode] = res
                 row = {"seq": int(n), "batch": batch, "mode": mode, "device": str(device),
                        "dtype": str(dtype).replace("torch.", ""), "checkpointing": checkpointing, **res}
-                if mode == "lrp":
+                if mode != "plain":
                     base = by_mode["plain"]
                     row["time_ratio"] = res["total_s"] / max(base["total_s"], 1e-12)
                     row["memory_ratio"] = res["peak_bytes"] / max(base["peak_bytes"], 1)

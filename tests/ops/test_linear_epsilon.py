@@ -257,3 +257,21 @@ def test_gpu_linear(poison, dtype, relevance):
     if relevance:
         want = want * x.double()
     assert rel_err(got, want) < KERNEL_TOL[dtype]
+
+
+@pytest.mark.parametrize("share_output", [False, True])
+def test_gradient_view_keeps_no_input_and_optionally_the_output_itself(share_output):
+    """Gradient view, torch path: nothing x-sized is saved; with share_output the one saved
+    activation is z itself (no memory when the next op saves z anyway), else a factor of z."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 7, dtype=torch.float64, generator=gen, requires_grad=True)
+    w, g = torch.randn(3, 7, dtype=torch.float64, generator=gen), torch.randn(4, 3, dtype=torch.float64, generator=gen)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        z = G.linear_epsilon(x, w, None, 1e-3, share_output=share_output)
+    activations = [t for t in saved if t.shape == z.shape]
+    assert not any(t.shape == x.shape for t in saved)
+    assert len(activations) == 1
+    assert (activations[0].untyped_storage().data_ptr() == z.untyped_storage().data_ptr()) is share_output
+    z.backward(g)
+    assert rel_err(x.grad, O.linear_epsilon_G(x, w, None, g, 1e-3)) < 1e-12
