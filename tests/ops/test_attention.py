@@ -324,3 +324,42 @@ def test_gpu_auto_uses_flash_and_relevance_view():
         got = run("auto", q, k, v, None, {"is_causal": True}, g, relevance=rel)
         for a, b in zip(got, want):
             assert rel_err(a, b) < 1e-4
+
+
+# ---- the platform path: the platform kernel's own backward with the two rescalings -----------
+
+@pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
+@pytest.mark.parametrize("mask_kind", ["causal", "padding", "none"])
+def test_platform_path_matches_the_oracle_within_its_bound(rule, mask_kind):
+    """SDPA forward/backward + rescalings vs the float64 oracle of the exact rule: G_V (and all
+    of CP-LRP) exact; G_Q, G_K within eps / (|S0| + eps) per score (tiny here: eps = 1e-9,
+    unit-scale scores). GQA through SDPA's enable_gqa; a fully masked padding row included."""
+    import torch.nn.functional as F
+
+    from lrp_kernels.ops.attention import attnlrp_platform
+
+    gen = torch.Generator().manual_seed(11)
+    B, Hq, Hkv, N, d = 2, 4, 2, 7, 8
+    q, k, v = (torch.randn(B, h, N, d, generator=gen, dtype=torch.float64) for h in (Hq, Hkv, Hkv))
+    g_o = torch.randn(B, Hq, N, d, generator=gen, dtype=torch.float64)
+    keep = torch.ones(B, N, dtype=torch.bool)
+    if mask_kind == "padding":
+        keep[0, :3] = False
+    allowed = oracle.attention_allowed(B, Hq, N, N, causal=mask_kind == "causal", key_keep=keep)
+    mask = None if mask_kind != "padding" else allowed
+
+    def sdpa(q_, k_, v_):
+        out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask, is_causal=mask_kind == "causal",
+                                             enable_gqa=True)
+        return torch.nan_to_num(out) if mask is not None else out  # SDPA: NaN for an all-masked row
+
+    qi, ki, vi = (t.clone().requires_grad_() for t in (q, k, v))
+    o = attnlrp_platform(sdpa, qi, ki, vi, epsilon=1e-9, rule=rule)
+    o.backward(g_o)
+    want = oracle.attention_G(q, k, v, g_o, d ** -0.5, 1e-9, allowed=allowed, cp=rule == "cp-lrp")
+    live = allowed.any(-1, keepdim=True)  # rows with at least one key (padding rows: no relevance)
+    assert rel_err(torch.where(live, o, 0.0), want[0]) < 1e-12
+    for got, ref in zip((qi.grad, ki.grad, vi.grad), want[1:]):
+        got = torch.zeros_like(ref) if got is None else got
+        assert torch.isfinite(got).all()
+        assert rel_err(got, ref) < 1e-6
