@@ -11,8 +11,10 @@ rescalings), ``lrp-exact`` (``patch(attention="exact")``: the chunked exact rule
 exact attention's own share of the cost).
 
 Kernel mode (``--kernel``; CUDA): one attention layer (Llama-3-8B heads: 32 query / 8 key-value
-heads, head dim 128, bf16, causal), forward + backward of the flash-AttnLRP kernel against
-``F.scaled_dot_product_attention`` (GQA), median of 5 after 2 warm-ups.
+heads, head dim 128, bf16, causal), forward + backward of the flash-AttnLRP kernel (exact) and
+of the platform path (SDPA with the AttnLRP rescalings) against plain
+``F.scaled_dot_product_attention`` (GQA), median of 5 after 2 warm-ups, plus the largest
+norm-wise relative deviation of the platform path's Q/K/V gradients from the exact rule.
 
     PYTHONPATH=. python benchmarks/bench_long_context.py --quick
     PYTHONPATH=. python benchmarks/bench_long_context.py --kernel --seq 4096,16384
@@ -125,7 +127,7 @@ def _cuda_time(fn, reps: int = 5, warmup: int = 2) -> tuple[float, int]:
 def kernel_bench(args) -> int:
     import torch.nn.functional as F
 
-    from lrp_kernels.ops.attention import attnlrp_attention
+    from lrp_kernels.ops.attention import attnlrp_attention, attnlrp_platform
 
     if not torch.cuda.is_available():
         print("--kernel needs a CUDA device", file=sys.stderr)
@@ -148,15 +150,28 @@ def kernel_bench(args) -> int:
             q.grad = k.grad = v.grad = None
             attnlrp_attention(q, k, v, is_causal=True, impl="flash").backward(g)
 
+        def platform():
+            q.grad = k.grad = v.grad = None
+            attnlrp_platform(lambda q_, k_, v_: F.scaled_dot_product_attention(q_, k_, v_, is_causal=True,
+                                                                               enable_gqa=True),
+                             q, k, v).backward(g)
+
         t_s, m_s = _cuda_time(sdpa)
         t_f, m_f = _cuda_time(flash)
-        for name, t, m in (("sdpa", t_s, m_s), ("flash-attnlrp", t_f, m_f)):
+        t_p, m_p = _cuda_time(platform)
+        # max relative deviation of the platform path's gradients from the exact (flash) rule
+        flash()
+        exact = [t.grad.float() for t in (q, k, v)]
+        platform()
+        dev = max(((t.grad.float() - e).norm() / e.norm().clamp_min(1e-30)).item() for t, e in zip((q, k, v), exact))
+        for name, t, m in (("sdpa", t_s, m_s), ("flash-attnlrp", t_f, m_f), ("platform", t_p, m_p)):
             ratio = t / t_s
             print(f"{n:>7} {name:<14} {t * 1e3:>11.2f} {m / 2**20:>10.1f} {ratio:>7.2f}")
             print(json.dumps({"bench": "long_context_kernel", "seq": n, "impl": name, "heads": [Hq, Hkv],
                               "head_dim": d, "dtype": "bfloat16", "causal": True, "fwd_bwd_s": t,
                               "peak_bytes": m, "time_ratio_to_sdpa": ratio,
-                              "device": torch.cuda.get_device_name()}), flush=True)
+                              "platform_vs_flash_rel_dev": dev, "device": torch.cuda.get_device_name()}),
+                  flush=True)
         del q, k, v, g
         torch.cuda.empty_cache()
     return 0
