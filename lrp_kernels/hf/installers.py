@@ -15,12 +15,12 @@ handle's options (``handle.epsilon``, ``handle.backend``); the dispatcher picks 
   forward is explained exactly as the linear map it computes
 * RMSNorm (``w`` or Gemma's ``1 + w``)  -> :func:`lrp_kernels.grad.rms_norm_identity`
 * ``nn.LayerNorm``                     -> :func:`lrp_kernels.grad.layer_norm` (std detached)
-
-Norms keep the module's own forward for their values (``forward_fn``): the patched forward
-computes exactly what the unpatched one does.
 * element-wise activations            -> :func:`lrp_kernels.grad.identity` (identity rule)
 * gated MLPs ``down(act(gate(x)) * up(x))`` -> :func:`lrp_kernels.ops.elementwise.gated_product`
 * dropout                             -> the identity function (no dropout while patched)
+
+Norms and activations keep the module's own forward for their values: the patched forward
+computes exactly what the unpatched one does.
 """
 from __future__ import annotations
 

@@ -143,9 +143,9 @@ class LinearEpsilonFn(torch.autograd.Function):
         z = torch.nn.functional.linear(x, weight, bias)
         ctx.epsilon, ctx.relevance, ctx.backend, ctx.recompute = epsilon, relevance, backend, recompute
         ctx.x_shape = x.shape
+        z_like = stand_in(z, z.shape)  # grad_z and z as the backward's kernel would get them
         ctx.factored = not recompute and dispatch.chosen_backend(
-            "linear_epsilon_backward", stand_in(z, z.shape), x, weight, bias, stand_in(z, z.shape), epsilon,
-            relevance, backend=backend) == "torch"
+            "linear_epsilon_backward", z_like, x, weight, bias, z_like, epsilon, relevance, backend=backend) == "torch"
         ctx.saved_output = ctx.factored and share_output
         keep_x = relevance or recompute
         if ctx.factored and not share_output:

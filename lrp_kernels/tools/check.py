@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -35,9 +35,6 @@ from ..ops import _common
 from ..ops._common import record
 
 __all__ = ["conservation", "record", "Record", "ConservationReport"]
-
-Tensors = Union[torch.Tensor, Sequence[Optional[torch.Tensor]], None]
-
 
 @dataclass
 class Record:
