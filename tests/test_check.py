@@ -30,10 +30,10 @@ def conservative_net(V, x, p, eps=EPS0, bias=None, eps_down=None):
     """linear -> rmsnorm -> silu-gate (identity, mul2) -> linear -> residual add -> mean."""
     h = V.linear_epsilon(x, p["w1"], None, eps)
     n = V.rms_norm_identity(h, p["norm"])
-    g = V.identity(tF.silu, V.linear_epsilon(n, p["wg"], None, eps), eps)
+    g = V.identity(tF.silu, V.linear_epsilon(n, p["wg"], None, eps), epsilon=eps)
     y = V.linear_epsilon(V.mul2(g, V.linear_epsilon(n, p["wu"], None, eps)), p["w2"], bias,
                          eps if eps_down is None else eps_down)
-    return V.mean(V.add2(h, y, eps), -1, False, eps)
+    return V.mean(V.add2(h, y, epsilon=eps), -1, False, epsilon=eps)
 
 
 OPS_BACKWARD_ORDER = ["mean", "add", "linear_epsilon", "mul", "linear_epsilon", "identity",
@@ -104,8 +104,8 @@ def test_biased_linear_is_not_flagged(view):
 
 def _attention(V, x, p, eps=EPS0):
     q, k, v = x @ p["w1"], x, x  # constant-coefficient ops need no rule
-    s = V.softmax(V.matmul(q, k.transpose(-1, -2), eps), -1, temperature=8 ** 0.5)
-    return V.matmul(s, v, eps)
+    s = V.softmax(V.matmul(q, k.transpose(-1, -2), epsilon=eps), -1, temperature=8 ** 0.5)
+    return V.matmul(s, v, epsilon=eps)
 
 
 @pytest.mark.parametrize("view", ["R", "G"])

@@ -307,21 +307,30 @@ def test_param_mod_zero_and_keys():
     assert mod(nn.Linear(3, 2, bias=False)).keys() == {"weight"}  # missing zero_params: ignored
 
 
-def test_missing_required_param_raises_in_backward():
+def test_param_mod_skips_none_and_raises_only_for_missing_attributes():
+    """A parameter set to None (bias=False) is skipped; a name the module has no attribute for
+    raises (in the backward) unless require_params=False; submodules' parameters are not touched."""
     lin = nn.Linear(3, 2, bias=False)
     hook = BasicHook(param_modifiers=[ParamMod(lambda p, n: p, param_keys=["weight", "bias"])])
     h = hook.register(lin)
     x = torch.randn(2, 3, requires_grad=True)
+    lin(x).sum().backward()  # bias is None: skipped, no error
+    h.remove()
+    assert torch.isfinite(x.grad).all()
+    hook = BasicHook(param_modifiers=[ParamMod(lambda p, n: p, param_keys=["weight", "scale"])])
+    h = hook.register(lin)
     y = lin(x)  # the forward is fine
-    with pytest.raises(RuntimeError, match="bias"):
+    with pytest.raises(RuntimeError, match="scale"):
         y.sum().backward()
     h.remove()
-    hook = BasicHook(param_modifiers=[ParamMod(lambda p, n: p, param_keys=["weight", "bias"], require_params=False)])
+    hook = BasicHook(param_modifiers=[ParamMod(lambda p, n: p, param_keys=["weight", "scale"], require_params=False)])
     h = hook.register(lin)
     x.grad = None
     lin(x).sum().backward()
     h.remove()
     assert torch.isfinite(x.grad).all()
+    outer = nn.Sequential(nn.Linear(3, 2))
+    assert ParamMod(lambda p, n: p * 2)(outer) == {}  # own parameters only
 
 
 # ----------------------------------------------------------------------------- registration / removal

@@ -79,8 +79,12 @@ def neg(t):
     return t.clamp(max=0)
 
 
-def ref_rule(name, x, M, C, b, R_out, eps, **kw):
-    """x: [n_in], M/C: [n_out, n_in], b: [n_out] or None, R_out: [n_out] -> R_x [n_in]."""
+def ref_rule(name, x, M, C, b, R_out, eps, layer_bias=None, **kw):
+    """x: [n_in], M/C: [n_out, n_in], b: the rule's bias [n_out] or None (zeroed / absent),
+    layer_bias: the layer's own bias (defaults to b; Gamma's case is the sign of the layer's
+    output), R_out: [n_out] -> R_x [n_in]."""
+    z_layer = (M * x[None, :]).sum(1) + (layer_bias if layer_bias is not None
+                                         else b if b is not None else 0.0)
     b = torch.zeros(M.shape[0], dtype=f64) if b is None else b
     Z = M * x[None, :]
     if name == "epsilon":
@@ -94,16 +98,16 @@ def ref_rule(name, x, M, C, b, R_out, eps, **kw):
         return kw["alpha"] * Rp - kw["beta"] * Rn
     if name == "gamma":
         g = kw["gamma"]
-        z = Z.sum(1) + b
+        z = z_layer
         up = (z >= 0)[:, None]
         Q = torch.where(up, Z + g * pos(Z), Z + g * neg(Z))
         den = Q.sum(1) + torch.where(z >= 0, b + g * pos(b), b + g * neg(b))
         return (Q / stab(den, eps)[:, None] * R_out[:, None]).sum(0)
     if name == "flat":
         return (C / stab(C.sum(1), eps)[:, None] * R_out[:, None]).sum(0)
-    if name == "wsquare":
+    if name == "wsquare":  # every parameter squared, the bias too
         Q = M * M
-        return (Q / stab(Q.sum(1), eps)[:, None] * R_out[:, None]).sum(0)
+        return (Q / stab(Q.sum(1) + b * b, eps)[:, None] * R_out[:, None]).sum(0)
     if name == "zbox":
         lo, hi = kw["low"], kw["high"]
         Q = Z - lo[None, :] * pos(M) - hi[None, :] * neg(M)
@@ -218,6 +222,7 @@ def test_rule_matches_explicit_matrix(kind, name, kw, bias):
         kw["low"][..., 0] = -2.0  # bounds that vary over the input
     zp = "bias" if bias == "zero_params" else None
     M, C, b = explicit(layer, shape)
+    layer_bias = b
     if zp:
         b = None
     rule = make_rule(name, zero_params=zp, **kw)
@@ -226,7 +231,8 @@ def test_rule_matches_explicit_matrix(kind, name, kw, bias):
         extra = {}
         if name == "zbox":
             extra = {"low": kw["low"][n].reshape(-1), "high": kw["high"][n].reshape(-1)}
-        ref = ref_rule(name, x[n].reshape(-1), M, C, b, R_y[n].reshape(-1), EPS, **{**kw, **extra})
+        ref = ref_rule(name, x[n].reshape(-1), M, C, b, R_y[n].reshape(-1), EPS, layer_bias=layer_bias,
+                       **{**kw, **extra})
         got = R_x[n].reshape(-1)
         assert torch.allclose(got, ref, rtol=1e-9, atol=1e-10), (name, kind, bias, (got - ref).abs().max())
 
@@ -246,7 +252,8 @@ def test_gradient_view_gives_same_relevance(kind, name, kw, zero_params):
     rule = make_rule(name, relevance=False, zero_params=zero_params, **kw)
     R_x, R_y = run_rule(rule, layer, x, lambda y: torch.randn_like(y), relevance=False)
     for n in range(shape[0]):
-        ref = ref_rule(name, x[n].reshape(-1), M, C, None if zero_params else b, R_y[n].reshape(-1), EPS, **kw)
+        ref = ref_rule(name, x[n].reshape(-1), M, C, None if zero_params else b, R_y[n].reshape(-1), EPS,
+                       layer_bias=b, **kw)
         assert torch.allclose(R_x[n].reshape(-1), ref, rtol=1e-8, atol=1e-9)
 
 
@@ -275,6 +282,53 @@ def test_conservation_without_bias():
     for rule in [R.ZPlus(), R.AlphaBeta(2, 1), R.Gamma(0.5), R.Flat(), R.WSquare(), R.Epsilon(1e-12)]:
         R_x, R_y = run_rule(rule, layer, x, lambda y: torch.randn_like(y), relevance=True)
         assert torch.allclose(R_x.sum(1), R_y.sum(1), atol=1e-8), type(rule).__name__
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("relevance", [True, False])
+def test_gamma_without_bias_takes_the_case_from_the_original_output(kind, relevance):
+    """zero_params="bias" removes the bias from the rule's ratios, not from the output whose sign
+    picks the case: with biases large enough to flip output signs, the result follows the sign
+    of the layer's actual output (and differs from deciding it without the bias)."""
+    layer, shape = layers()[kind]
+    torch.manual_seed(7)
+    layer = layer.double()
+    with torch.no_grad():
+        layer.bias.copy_(torch.randn_like(layer.bias) * 5)
+    x = torch.randn(shape, dtype=f64)
+    M, C, b = explicit(layer, shape)
+    rule = R.Gamma(0.5, EPS, zero_params="bias", relevance=relevance)
+    R_x, R_y = run_rule(rule, layer, x, lambda y: torch.randn_like(y), relevance=relevance)
+    flipped = 0
+    for n in range(shape[0]):
+        xn, rn = x[n].reshape(-1), R_y[n].reshape(-1)
+        flipped += int((((M * xn).sum(1) >= 0) != ((M * xn).sum(1) + b >= 0)).sum())
+        right = ref_rule("gamma", xn, M, C, None, rn, EPS, layer_bias=b, gamma=0.5)
+        wrong = ref_rule("gamma", xn, M, C, None, rn, EPS, gamma=0.5)
+        assert torch.allclose(R_x[n].reshape(-1), right, rtol=1e-8, atol=1e-9)
+        assert not torch.allclose(right, wrong, rtol=1e-3, atol=1e-6)
+    assert flipped > 0  # the case really differs for some outputs
+
+
+def test_wsquare_squares_the_bias_unless_zeroed():
+    """WSquare keeps ``b^2`` in the denominator (Zennit's convention): relevance sums to
+    ``sum_k R_k * sum_j w_jk^2 / (sum_j w_jk^2 + b_k^2)``; with zero_params="bias" it conserves."""
+    torch.manual_seed(8)
+    layer = nn.Linear(5, 3).double()
+    x = torch.randn(2, 5, dtype=f64)
+    w2 = (layer.weight.detach() ** 2).sum(1)
+    share = w2 / (w2 + layer.bias.detach() ** 2)
+    R_x, R_y = run_rule(R.WSquare(1e-12), layer, x, lambda y: torch.randn_like(y), relevance=True)
+    assert torch.allclose(R_x.sum(1), (R_y * share).sum(1), atol=1e-10)
+    R_x, R_y = run_rule(R.WSquare(1e-12, zero_params="bias"), layer, x, lambda y: torch.randn_like(y), relevance=True)
+    assert torch.allclose(R_x.sum(1), R_y.sum(1), atol=1e-10)
+
+
+def test_alphabeta_refuses_pairs_that_do_not_conserve():
+    for alpha, beta in [(1.0, 1.0), (2.0, 0.0), (3.0, 1.0)]:
+        with pytest.raises(ValueError, match="alpha - beta = 1"):
+            R.AlphaBeta(alpha, beta)
+    assert R.AlphaBeta(1.5, 0.5).alpha == 1.5
 
 
 def test_epsilon_linear_fast_path_matches_generic():

@@ -95,7 +95,7 @@ def test_matmul_both_views_match_the_oracle(a_batch, b_batch_same, m, k, n, eps,
     g = randn(gen, *torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]), m, n)
     for view, want in ((lf, O.matmul_any_R), (lg, O.matmul_any_G)):
         ai, bi = a.clone().requires_grad_(), b.clone().requires_grad_()
-        view.matmul(ai, bi, eps).backward(g)
+        view.matmul(ai, bi, epsilon=eps).backward(g)
         ra, rb = want(a, b, g, eps)
         assert rel(ai.grad, ra) < TOL and rel(bi.grad, rb) < TOL
 

@@ -5,6 +5,11 @@
 zero, red for positive (evidence for). Without ``vmin``/``vmax`` the scale is symmetric around
 zero, ``[-m, m]`` with ``m = max |relevance|`` over all heatmaps, so colours are comparable
 between the cells of a grid. Needs numpy and Pillow (Pillow comes with matplotlib).
+
+Two building blocks are shared with the Zennit-compatible helpers
+(:mod:`lrp_kernels.compat.zennit.image`, :mod:`lrp_kernels.compat.zennit.cmap`), so a colour map
+is interpolated and a grid is laid out in one place: :func:`piecewise_linear_colors` and
+:func:`tile_grid`.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-__all__ = ["diverging_colors", "imgify", "heatmap_grid"]
+__all__ = ["diverging_colors", "imgify", "heatmap_grid", "piecewise_linear_colors", "tile_grid"]
 
 # anchors of the map: value 0 -> blue, 0.5 -> white, 1 -> red (RGB in [0, 1])
 _ANCHORS = np.array([[0.0, 0.0, 0.0, 1.0],
@@ -42,6 +47,41 @@ def _check_int(name: str, value, low: int) -> None:
         raise ValueError(f"{name} must be {what}, got {value!r}")
 
 
+def piecewise_linear_colors(t, positions: np.ndarray, colors: np.ndarray) -> np.ndarray:
+    """Colours at ``t`` (any shape) of the map that runs linearly from ``colors[i]`` at
+    ``positions[i]`` to ``colors[i + 1]`` at ``positions[i + 1]``: ``t.shape + colors.shape[1:]``.
+
+    ``positions`` must not decrease; ``t`` is clipped to ``[positions[0], positions[-1]]``. A
+    position given twice is a jump: from the left the map reaches the first of its two colours,
+    at the position itself it has the second.
+    """
+    positions = np.asarray(positions, dtype=np.float64)
+    colors = np.asarray(colors, dtype=np.float64)
+    t = np.clip(np.asarray(t, dtype=np.float64), positions[0], positions[-1])
+    # the segment [left, right] that holds t; side="right" makes a jump take its second colour
+    right = np.searchsorted(positions, t, side="right").clip(1, len(positions) - 1)
+    left = right - 1
+    span = positions[right] - positions[left]
+    alpha = np.where(span > 0, (t - positions[left]) / np.where(span > 0, span, 1.0), 1.0)[..., None]
+    return colors[left] * (1.0 - alpha) + colors[right] * alpha
+
+
+def tile_grid(stack: np.ndarray, rows: int, cols: int, pad: int = 0, fill=0) -> np.ndarray:
+    """Lay the images of ``stack`` (``N, H, W, C``) out row-major on a ``rows x cols`` grid with
+    ``pad`` pixels between cells: a ``(rows * H + (rows - 1) * pad, cols * W + (cols - 1) * pad, C)``
+    array of ``stack``'s dtype. Padding and empty cells get ``fill`` (one value, or one per channel).
+    """
+    n, h, w, channels = stack.shape
+    if rows * cols < n:
+        raise ValueError(f"grid ({rows}, {cols}) has {rows * cols} cells for {n} images")
+    out = np.empty((rows * h + (rows - 1) * pad, cols * w + (cols - 1) * pad, channels), dtype=stack.dtype)
+    out[...] = np.reshape(fill, -1)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        out[r * (h + pad): r * (h + pad) + h, c * (w + pad): c * (w + pad) + w] = stack[i]
+    return out
+
+
 def diverging_colors(values: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
     """``values`` -> uint8 RGB (``[..., 3]``): ``vmin`` blue, the middle white, ``vmax`` red.
     Values outside ``[vmin, vmax]`` are clipped; NaN is an error (never a silent colour)."""
@@ -53,7 +93,7 @@ def diverging_colors(values: np.ndarray, vmin: float, vmax: float) -> np.ndarray
     if not vmax > vmin:
         raise ValueError(f"vmax must be greater than vmin, got vmin={vmin}, vmax={vmax}")
     t = np.clip((values - vmin) / (vmax - vmin), 0.0, 1.0)
-    rgb = np.stack([np.interp(t, _ANCHORS[:, 0], _ANCHORS[:, c]) for c in (1, 2, 3)], axis=-1)
+    rgb = piecewise_linear_colors(t, _ANCHORS[:, 0], _ANCHORS[:, 1:])
     return np.round(rgb * 255).astype(np.uint8)
 
 
@@ -91,7 +131,7 @@ def heatmap_grid(heatmaps, grid: Optional[Tuple[int, int]] = None, pad: int = 2,
     stack = _stack(heatmaps)
     if np.isnan(stack).any():  # before the colour limits are derived from the data
         raise ValueError("heatmap contains NaN")
-    n, h, w = stack.shape
+    n = len(stack)
     if grid is None:
         cols = math.ceil(math.sqrt(n))
         grid = (math.ceil(n / cols), cols)
@@ -105,12 +145,7 @@ def heatmap_grid(heatmaps, grid: Optional[Tuple[int, int]] = None, pad: int = 2,
         vmax = hi if vmax is None else vmax
         if vmax <= vmin:
             vmax = vmin + 1.0
-    colors = diverging_colors(stack, vmin, vmax)
-    out = np.full((rows * h + (rows - 1) * pad, cols * w + (cols - 1) * pad, 3), 255, dtype=np.uint8)
-    for i in range(n):
-        r, c = divmod(i, cols)
-        out[r * (h + pad): r * (h + pad) + h, c * (w + pad): c * (w + pad) + w] = colors[i]
-    return out
+    return tile_grid(diverging_colors(stack, vmin, vmax), rows, cols, pad=pad, fill=255)
 
 
 def imgify(heatmaps, vmin: Optional[float] = None, vmax: Optional[float] = None,

@@ -179,7 +179,7 @@ def install_layer_norm(handle, name: str, module: nn.LayerNorm) -> None:
 
     def make(orig):
         def forward(x):
-            return grad.layer_norm(x, module.weight, module.bias, module.eps, handle.epsilon,
+            return grad.layer_norm(x, module.weight, module.bias, module.eps, epsilon=handle.epsilon,
                                    backend=handle.backend, forward_fn=orig)
         return forward
     handle.rebind(module, make)
@@ -188,7 +188,7 @@ def install_layer_norm(handle, name: str, module: nn.LayerNorm) -> None:
 def install_activation(handle, name: str, module: nn.Module) -> None:
     def make(orig):
         def forward(x):
-            return grad.identity(orig, x, handle.epsilon, backend=handle.backend)
+            return grad.identity(orig, x, epsilon=handle.epsilon, backend=handle.backend)
         return forward
     handle.rebind(module, make)
 
@@ -232,4 +232,4 @@ def install_gated_mlp(handle, name: str, module: nn.Module) -> None:
 
 def softcap_identity(handle, x: torch.Tensor, cap: float) -> torch.Tensor:
     """``cap * tanh(x / cap)`` with the identity rule (element-wise non-linearity)."""
-    return grad.identity(lambda t: torch.tanh(t / cap) * cap, x, handle.epsilon, backend=handle.backend)
+    return grad.identity(lambda t: torch.tanh(t / cap) * cap, x, epsilon=handle.epsilon, backend=handle.backend)

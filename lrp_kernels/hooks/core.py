@@ -406,12 +406,14 @@ def _rebuild_tuple(original: tuple, items: list) -> tuple:
 class ParamMod:
     """Parameter modifier for one copy of the module in :class:`BasicHook`.
 
-    ``modifier(param, name) -> tensor`` is applied to the parameters named in ``param_keys``
-    (all parameters of the module when ``None``); those in ``zero_params`` are replaced by
-    zeros instead. With ``require_params=True`` a name in ``param_keys`` that the module does
-    not have (or that is ``None``, e.g. ``bias=False``) raises ``RuntimeError`` (in the
-    backward, when the modifier runs). The module's own parameters are never written: the
-    result is a dict of new tensors for a functional re-run.
+    ``modifier(param, name) -> tensor`` is applied to the module's own parameters (not those of
+    its submodules) named in ``param_keys`` (all of them when ``None``; none for ``[]``); those in
+    ``zero_params`` are replaced by zeros instead. A name the module has as an attribute set to
+    ``None`` (``bias=False``) is skipped. With ``require_params=True`` a name in ``param_keys``
+    the module has no attribute for at all raises ``RuntimeError`` (in the backward, when the
+    modifier runs). The module's own parameters are never written: the result is a dict of new
+    tensors for a functional re-run (Zennit's ``ParamMod`` swaps them in and out as a context
+    manager instead; :mod:`lrp_kernels.compat.zennit` has that form).
     """
 
     def __init__(self, modifier: Callable[[torch.Tensor, str], torch.Tensor],
@@ -431,11 +433,10 @@ class ParamMod:
         return obj if isinstance(obj, ParamMod) else cls(obj)
 
     def __call__(self, module: nn.Module) -> Dict[str, torch.Tensor]:
-        params = {name: p for name, p in module.named_parameters()}
-        # a parameter attribute set to None (bias=False) is "missing"
+        params = dict(module.named_parameters(recurse=False))
         keys = list(params) if self.param_keys is None else self.param_keys
         if self.require_params:
-            missing = [k for k in keys if k not in params]
+            missing = [k for k in keys if not hasattr(module, k)]
             if missing:
                 raise RuntimeError(
                     f"{type(self).__name__}: {type(module).__name__} has no parameter(s) "
@@ -444,7 +445,7 @@ class ParamMod:
         out: Dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for name in keys:
-                if name not in params:
+                if name not in params:  # absent, or set to None: nothing to modify
                     continue
                 p = params[name].detach()
                 out[name] = torch.zeros_like(p) if name in self.zero_params else self.modifier(p, name)

@@ -14,9 +14,10 @@ ZPlus        positive part of ``x_j w_jk`` (``x^+ w^+ + x^- w^-``); ``+ b_k^+``
 AlphaBeta    ``alpha * [positive part] / (... + b^+) - beta * [negative part] / (... + b^-)``
 Gamma        for ``z_k >= 0``: ``x_j w_jk + gamma (x_j w_jk)^+``, bias ``b + gamma b^+``;
              for ``z_k < 0``:  ``x_j w_jk + gamma (x_j w_jk)^-``, bias ``b + gamma b^-``
-             (``gamma = 0`` is LRP-0; sign of ``z_k`` from the original output)
+             (``gamma = 0`` is LRP-0; the case is the sign of the layer's original output
+             ``z_k``, bias included, also when ``zero_params`` removes the bias from the rule)
 Flat         ``1`` (over the inputs connected to ``k``); no bias
-WSquare      ``w_jk^2``; no bias
+WSquare      ``w_jk^2``; ``+ b_k^2`` (zero it with ``zero_params="bias"``)
 ZBox         ``x_j w_jk - l_j w_jk^+ - h_j w_jk^-`` for input bounds ``l <= x <= h``; no bias
 Norm         ``x_j w_jk`` of a parameter-free module (epsilon rule, parameters untouched)
 Pass         none: the output relevance is passed on unchanged (element-wise layers)
@@ -27,12 +28,13 @@ All rules but Flat, WSquare and ZBox also have a gradient view (``relevance=Fals
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable, Optional, Union
 
 import torch
 from torch import nn
 
-from .core import BasicHook, Hook, ParamMod, zero_grad_reducer
+from .core import BasicHook, Hook, ParamMod, identity, zero_grad_reducer
 from ..ops.linear_epsilon import linear_epsilon_backward
 from ..ops.linear_gamma import linear_gamma_backward
 from ..ops._common import DEFAULT_EPSILON
@@ -121,8 +123,12 @@ def _neg(x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- rules
 
 def _fused_linear_args(rule: BasicHook, module: nn.Module, grad_input, grad_output, numeric: bool,
-                       zero_params: Names):
-    """(x, weight, bias) when a plain nn.Linear can use a fused kernel op, else None."""
+                       zero_params: Names, output_for_sign: bool = False):
+    """(x, weight, bias, z) when a plain nn.Linear can use a fused kernel op, else None.
+
+    ``z`` is the layer's actual output when the rule's bias differs from the layer's and the op
+    needs it: in the gradient view (``R_z = G_z * z``), and for ``output_for_sign`` rules (Gamma:
+    the sign of ``z`` picks the case) in both views."""
     zp = _zeros(zero_params)
     if (type(module) is not nn.Linear or not numeric or any(n != "bias" for n in zp)
             or len(grad_input) != 1 or grad_input[0] is None or len(grad_output) != 1
@@ -133,8 +139,7 @@ def _fused_linear_args(rule: BasicHook, module: nn.Module, grad_input, grad_outp
         return None  # the generic path raises the clear error
     bias = None if (module.bias is None or "bias" in zp) else module.bias.detach()
     z = None
-    if not rule.relevance and bias is None and module.bias is not None:
-        # gradient view: R_z = G_z * z needs the layer's actual output, bias included
+    if (output_for_sign or not rule.relevance) and bias is None and module.bias is not None:
         z = nn.functional.linear(x, module.weight.detach(), module.bias.detach())
     return x, module.weight.detach(), bias, z
 
@@ -182,12 +187,16 @@ class Norm(BasicHook):
 class AlphaBeta(_LayerRule):
     """``R_j = sum_k [alpha q+_jk / stab(z+_k) - beta q-_jk / stab(z-_k)] R_k`` with
     ``q+ = x^+ w^+ + x^- w^-`` (positive contributions), ``z+ = sum_j q+ + b^+`` and
-    ``q- = x^+ w^- + x^- w^+``, ``z- = sum_j q- + b^-``. Conservative when ``alpha - beta = 1``."""
+    ``q- = x^+ w^- + x^- w^+``, ``z- = sum_j q- + b^-``. ``alpha - beta`` must be 1 (conservation);
+    anything else is refused."""
 
     def __init__(self, alpha: float = 2.0, beta: float = 1.0, stabilizer: Stab = DEFAULT_EPSILON,
                  zero_params: Names = None, relevance: bool = True):
         _check_nonneg("alpha", alpha)
         _check_nonneg("beta", beta)
+        if not math.isclose(alpha - beta, 1.0, rel_tol=0.0, abs_tol=1e-12):
+            # any other pair scales the total relevance by (alpha - beta): not an LRP rule
+            raise ValueError(f"AlphaBeta needs alpha - beta = 1 (conservation), got alpha={alpha!r}, beta={beta!r}")
         self.alpha, self.beta = float(alpha), float(beta)
         z = zero_params
         super().__init__(
@@ -222,8 +231,10 @@ class Gamma(_LayerRule):
     """Gamma rule for either sign of the output: contributions of the output's sign are
     enlarged by ``gamma`` (see the table in the module docstring). Four copies:
     ``x^+ (W + gW^+) + b + gb^+``, ``x^- (W + gW^-)``, ``x^+ (W + gW^-) + b + gb^-``, ``x^- (W + gW^+)``;
-    the first two add up to the positive-output denominator, the last two to the negative one,
-    and their total is ``(2 + gamma) z``, which gives the sign of ``z``.
+    the first two add up to the positive-output denominator, the last two to the negative one.
+    Which case applies is the sign of the layer's original output ``z`` (bias included): without
+    ``zero_params`` the four copies add up to ``(2 + gamma) z``; with ``zero_params`` they no longer
+    carry the bias, so a fifth copy (the unmodified layer) gives ``z``.
 
     ``nn.Linear`` with a numeric stabiliser uses the ``linear_gamma_backward`` kernel op
     (:mod:`lrp_kernels.ops.linear_gamma`; fused Triton kernels on CUDA)."""
@@ -237,24 +248,28 @@ class Gamma(_LayerRule):
         self.epsilon = stabilizer
         self.zero_params = zero_params
         z = zero_params
-        super().__init__(
-            input_modifiers=[_pos, _neg, _pos, _neg],
-            param_modifiers=[GammaMod(gamma, min=0.0, zero_params=z), GammaMod(gamma, max=0.0, zero_params=_zeros(z, "bias")),
-                             GammaMod(gamma, max=0.0, zero_params=z), GammaMod(gamma, min=0.0, zero_params=_zeros(z, "bias"))],
-            gradient_mapper=self._map, stabilizer=stabilizer, relevance=relevance)
+        input_modifiers = [_pos, _neg, _pos, _neg]
+        param_modifiers = [GammaMod(gamma, min=0.0, zero_params=z), GammaMod(gamma, max=0.0, zero_params=_zeros(z, "bias")),
+                           GammaMod(gamma, max=0.0, zero_params=z), GammaMod(gamma, min=0.0, zero_params=_zeros(z, "bias"))]
+        if _zeros(z):  # the original output decides the case: one more (unmodified) copy
+            input_modifiers.append(identity)
+            param_modifiers.append(NoMod())
+        super().__init__(input_modifiers=input_modifiers, param_modifiers=param_modifiers,
+                         gradient_mapper=self._map, stabilizer=stabilizer, relevance=relevance)
 
     def _map(self, grad_output, outputs):
-        za, zb, zc, zd = outputs
+        za, zb, zc, zd = outputs[:4]
         den_p, den_n = za + zb, zc + zd
-        positive = (den_p + den_n) >= 0
+        positive = (outputs[4] if len(outputs) == 5 else den_p + den_n) >= 0
         zero = torch.zeros((), dtype=grad_output.dtype, device=grad_output.device)
         gp = torch.where(positive, grad_output / self.stabilizer(den_p), zero)
         gn = torch.where(positive, zero, grad_output / self.stabilizer(den_n))
-        return gp, gp, gn, gn
+        return (gp, gp, gn, gn) + ((torch.zeros_like(grad_output),) if len(outputs) == 5 else ())
 
     def backward(self, module, grad_input, grad_output):
         numeric = isinstance(self.epsilon, (int, float)) and not isinstance(self.epsilon, bool)
-        fused = _fused_linear_args(self, module, grad_input, grad_output, numeric, self.zero_params)
+        fused = _fused_linear_args(self, module, grad_input, grad_output, numeric, self.zero_params,
+                                   output_for_sign=True)
         if fused is None:
             return super().backward(module, grad_input, grad_output)
         x, weight, bias, z = fused
@@ -278,14 +293,18 @@ class Flat(_LayerRule):
 
 
 class WSquare(_LayerRule):
-    """``R_j = sum_k w_jk^2 / stab(sum_j' w_j'k^2) R_k`` (no bias)."""
+    """``R_j = sum_k w_jk^2 / stab(sum_j' w_j'k^2 + b_k^2) R_k``.
+
+    Every parameter is squared, the bias too (as in Zennit and Montavon et al.'s w^2 rule written for
+    layers with a bias): the ``b_k^2`` share of the relevance stays with the bias. Pass
+    ``zero_params="bias"`` for the bias-free rule, which conserves relevance."""
 
     supports_gradient_view = False
-    conserves = ignores_bias = True
+    conserves = True
 
     def __init__(self, stabilizer: Stab = DEFAULT_EPSILON, zero_params: Names = None, relevance: bool = True):
         super().__init__(input_modifiers=[torch.ones_like],
-                         param_modifiers=[ParamMod(lambda p, name: p * p, zero_params=_zeros(zero_params, "bias"))],
+                         param_modifiers=[ParamMod(lambda p, name: p * p, zero_params=zero_params)],
                          reducer=zero_grad_reducer, stabilizer=stabilizer, relevance=relevance)
 
 

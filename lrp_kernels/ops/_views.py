@@ -30,7 +30,7 @@ def build(relevance_view: bool) -> dict:
         return _lin.linear_epsilon(x, weight, bias, epsilon, relevance=relevance_view, backend=backend,
                                    recompute=recompute, share_output=share_output)
 
-    def add2(a: torch.Tensor, b: torch.Tensor, epsilon: float = DEFAULT_EPSILON, *,
+    def add2(a: torch.Tensor, b: torch.Tensor, *, epsilon: float = DEFAULT_EPSILON,
              backend: Optional[str] = None) -> torch.Tensor:
         """``a + b``; backward ``R_a = a * R_z / stab(z)``, ``R_b = b * R_z / stab(z)``."""
         return _ew.add(a, b, epsilon=epsilon, relevance=relevance_view, backend=backend)
@@ -43,7 +43,7 @@ def build(relevance_view: bool) -> dict:
         """``a * b``; backward ``R_a = R_b = R_z / 2`` (all to one factor if the other is constant)."""
         return _ew.mul(a, b, relevance=relevance_view, backend=backend)
 
-    def matmul(a: torch.Tensor, b: torch.Tensor, epsilon: float = DEFAULT_EPSILON, *,
+    def matmul(a: torch.Tensor, b: torch.Tensor, *, epsilon: float = DEFAULT_EPSILON,
                backend: Optional[str] = None) -> torch.Tensor:
         """``torch.matmul``; backward uniform-epsilon: ``N = R_O/(2 stab(O))``, ``R_A = A*(N@B^T)``, ``R_B = B*(A^T@N)``."""
         return _mm.matmul(a, b, epsilon, relevance=relevance_view, backend=backend)
@@ -61,22 +61,22 @@ def build(relevance_view: bool) -> dict:
                                        forward_fn=forward_fn)
 
     def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
-                   eps: float = 1e-5, epsilon: float = DEFAULT_EPSILON, *, backend: Optional[str] = None,
+                   eps: float = 1e-5, *, epsilon: float = DEFAULT_EPSILON, backend: Optional[str] = None,
                    forward_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
         """LayerNorm; backward: epsilon on the centring and the bias, identity on the scaling."""
         return _norm.layer_norm(x, weight, bias, eps, epsilon, relevance=relevance_view, backend=backend,
                                 forward_fn=forward_fn)
 
-    def mean(x: torch.Tensor, dim=None, keepdim: bool = False, epsilon: float = DEFAULT_EPSILON, *,
+    def mean(x: torch.Tensor, dim=None, keepdim: bool = False, *, epsilon: float = DEFAULT_EPSILON,
              backend: Optional[str] = None) -> torch.Tensor:
         """``x.mean(dim)``; backward ``R_x = x * expand(R_z / stab(z)) / n``."""
         return _ew.mean(x, dim, keepdim, epsilon, relevance=relevance_view, backend=backend)
 
-    def normalize(x: torch.Tensor, p: float = 2.0, dim: int = -1, eps: float = 1e-12) -> torch.Tensor:
-        """``F.normalize``; backward identity."""
+    def normalize(x: torch.Tensor, p: float = 2.0, dim: int = 1, eps: float = 1e-12) -> torch.Tensor:
+        """``F.normalize`` (same defaults: ``dim=1``); backward identity."""
         return _norm.normalize(x, p, dim, eps, relevance=relevance_view)
 
-    def identity(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, epsilon: float = DEFAULT_EPSILON, *,
+    def identity(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *, epsilon: float = DEFAULT_EPSILON,
                  backend: Optional[str] = None) -> torch.Tensor:
         """``fn(x)`` for element-wise ``fn``; backward identity ``R_x = R_y``."""
         return _ew.identity(fn, x, epsilon, relevance=relevance_view, backend=backend)

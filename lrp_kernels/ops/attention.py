@@ -183,10 +183,10 @@ def _eager(q, k, v, spec: _Spec, relevance: bool) -> torch.Tensor:
         qf, kf = qf.detach(), kf.detach()
         s = (qf @ kf.transpose(-1, -2)) * spec.scale
     else:
-        s = _constant_scale(ops.matmul(qf, kf.transpose(-1, -2), eps), spec.scale, relevance)
+        s = _constant_scale(ops.matmul(qf, kf.transpose(-1, -2), epsilon=eps), spec.scale, relevance)
     if spec.softcap is not None:
         x = _constant_scale(s, 1.0 / spec.softcap, relevance)
-        s = _constant_scale(ops.identity(torch.tanh, x, eps), spec.softcap, relevance)
+        s = _constant_scale(ops.identity(torch.tanh, x, epsilon=eps), spec.softcap, relevance)
     bias = mask_bias(spec, 0, spec.N, q.device)
     if bias is not None:
         s = s + bias
@@ -194,7 +194,7 @@ def _eager(q, k, v, spec: _Spec, relevance: bool) -> torch.Tensor:
     if bias is not None:  # fully masked rows: softmax is NaN there; their output is 0
         dead = torch.isneginf(s).all(-1, keepdim=True)
         p = torch.where(dead, torch.zeros((), device=p.device), p)
-    o = ops.matmul(p, vf, eps)
+    o = ops.matmul(p, vf, epsilon=eps)
     return o.to(q.dtype)
 
 

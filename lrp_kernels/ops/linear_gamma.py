@@ -5,13 +5,14 @@ With ``W+ = max(W, 0)``, ``W- = min(W, 0)`` (likewise ``x+``, ``x-``, ``b+``, ``
 
     den_p = x+ @ Wp.T + x- @ Wn.T + b + gamma b+      # outputs z >= 0: positive contributions enlarged
     den_n = x+ @ Wn.T + x- @ Wp.T + b + gamma b-      # outputs z <  0: negative contributions enlarged
-    sign of z = sign(den_p + den_n)                  # den_p + den_n = (2 + gamma) z
+    case = sign of z: of the given z, else of den_p + den_n (= (2 + gamma) z when the rule's bias is the layer's)
     g_p = [z >= 0] R_z / stab(den_p),   g_n = [z < 0] R_z / stab(den_n)
     A = g_p @ Wp + g_n @ Wn,   B = g_p @ Wn + g_n @ Wp
 
 Relevance view: ``R_x = x+ * A + x- * B``.
-Gradient view (``R_z = G_z * z`` with ``z`` the layer's actual output: pass it when the rule's
-bias differs from the layer's, else ``z = (den_p + den_n) / (2 + gamma)``): ``G_x = A`` where ``x > 0``, ``B`` where ``x < 0``, ``A + B`` at
+``z`` is the layer's actual output: pass it when the rule's bias differs from the layer's
+(``zero_params="bias"``), since the case follows the original output's sign.
+Gradient view (``R_z = G_z * z``, ``z = (den_p + den_n) / (2 + gamma)`` when not given): ``G_x = A`` where ``x > 0``, ``B`` where ``x < 0``, ``A + B`` at
 ``x = 0`` (the derivative of ``x+ A + x- B`` with ``A, B`` held constant, as the generic
 :class:`lrp_kernels.hooks.core.BasicHook` computes it). ``gamma = 0`` is the epsilon rule.
 
@@ -55,7 +56,7 @@ def linear_gamma_backward_torch(
     r = grad_z.to(cd)
     if not relevance:
         r = r * (total / (2.0 + gamma) if z is None else z.to(cd))
-    positive = total >= 0
+    positive = (total if z is None else z.to(cd)) >= 0
     zero = torch.zeros((), dtype=cd, device=x.device)
     gp = torch.where(positive, r / stabilize(den_p, epsilon), zero)
     gn = torch.where(positive, zero, r / stabilize(den_n, epsilon))

@@ -192,7 +192,7 @@ class NormalizeFn(torch.autograd.Function):
         return gx, None, None, None, None
 
 
-def normalize(x: torch.Tensor, p: float = 2.0, dim: int = -1, eps: float = 1e-12, *,
+def normalize(x: torch.Tensor, p: float = 2.0, dim: int = 1, eps: float = 1e-12, *,
               relevance: bool = True) -> torch.Tensor:
     """``F.normalize`` with the identity rule (the norm is treated as a constant)."""
     check_float("x", x)

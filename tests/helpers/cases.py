@@ -208,7 +208,7 @@ def _linear(bias, x_shape=(2, 3, 13), n=7):
 def _add(*shapes):
     def build(gen, dtype, layout, eps=EPS):
         ts = [rand(gen, s, dtype, layout if len(s) > 1 else "contig") for s in shapes]
-        run = (lambda V, a, b: V.add2(a, b, eps)) if len(ts) == 2 else (lambda V, *t: V.add(*t, epsilon=eps))
+        run = (lambda V, a, b: V.add2(a, b, epsilon=eps)) if len(ts) == 2 else (lambda V, *t: V.add(*t, epsilon=eps))
         plain = lambda *t: sum(t[1:], t[0])  # noqa: E731
         return Case(ts, run, plain, lambda i, R: O.add_R(i, R, eps), lambda i, G_: O.add_G(i, G_, eps))
     return build
@@ -233,7 +233,7 @@ def _matmul(sa, sb, b_const=False):
 
         def drop(pair):
             return [pair[0], None if b_const else pair[1]]
-        return Case([a, b], lambda V, a, b: V.matmul(a, b, eps), torch.matmul,
+        return Case([a, b], lambda V, a, b: V.matmul(a, b, epsilon=eps), torch.matmul,
                     lambda i, R: drop(O.matmul_any_R(*i, R, eps, share)),
                     lambda i, G_: drop(O.matmul_any_G(*i, G_, eps, share)))
     return build
@@ -264,7 +264,7 @@ def _layer_norm(with_weight, with_bias):
         x = rand(gen, (2, 3, 13), dtype, layout)
         w = cast(torch.rand(13, generator=gen) + 0.5, dtype) if with_weight else None
         b = cast(torch.randn(13, generator=gen), dtype) if with_bias else None
-        return Case([x], lambda V, x: V.layer_norm(x, w, b, 1e-5, eps),
+        return Case([x], lambda V, x: V.layer_norm(x, w, b, 1e-5, epsilon=eps),
                     lambda x: tF.layer_norm(x, (13,), _to(w, x), _to(b, x), 1e-5),
                     lambda i, R: [O.layer_norm_R(i[0], w, b, R, 1e-5, eps)],
                     lambda i, G_: [O.layer_norm_G(i[0], w, G_, 1e-5)], conservative=not with_bias)
@@ -279,7 +279,7 @@ def _mean(dim, keepdim):
             x += 1.5
         plain = (lambda x: x.mean(dim=dim, keepdim=keepdim))
         dims = (dim,) if isinstance(dim, int) else dim
-        return Case([x], lambda V, x: V.mean(x, dim, keepdim, eps), plain,
+        return Case([x], lambda V, x: V.mean(x, dim, keepdim, epsilon=eps), plain,
                     lambda i, R: [O.mean_dims_R(i[0], dims, R, eps, keepdim)],
                     lambda i, G_: [O.mean_dims_G(i[0], dims, G_, eps, keepdim)])
     return build
@@ -296,7 +296,7 @@ def _normalize(p, dim):
 def _identity(fn):
     def build(gen, dtype, layout, eps=EPS):
         x = rand(gen, (2, 5, 9), dtype, layout)
-        return Case([x], lambda V, x: V.identity(fn, x, eps), fn,
+        return Case([x], lambda V, x: V.identity(fn, x, epsilon=eps), fn,
                     lambda i, R: [O.d(R)], lambda i, G_: [O.identity_G(fn, i[0], G_, eps)])
     return build
 

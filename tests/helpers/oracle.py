@@ -386,21 +386,23 @@ def attention_R(Q, K, V, R_O, scale, eps, allowed=None, cp=False):
 
 # ---- gamma rule for a linear layer (explicit per-output contributions) -----------------------------
 
-def _gamma_parts(x, W, b, gamma):
-    """Z[..., n, k] = W_nk x_k; the rule's output sign (z = sum_k Z + b >= 0) picks which
-    contributions gamma enlarges: Z + gamma Z^+ (and b + gamma b^+) for z >= 0, else the negatives."""
+def _gamma_parts(x, W, b, gamma, z=None):
+    """Z[..., n, k] = W_nk x_k; the sign of the layer's output z (given, else sum_k Z + b) picks
+    which contributions gamma enlarges: Z + gamma Z^+ (and b + gamma b^+) for z >= 0, else the
+    negatives. ``b`` is the rule's bias (None when the rule zeroes it; then pass the layer's z)."""
     x, W = d(x), d(W)
     Z = torch.einsum("...k,nk->...nk", x, W)
     b = torch.zeros(W.shape[0], dtype=f64) if b is None else d(b)
-    up = (Z.sum(-1) + b) >= 0
+    up = ((Z.sum(-1) + b) if z is None else d(z)) >= 0
     Q = torch.where(up[..., None], Z + gamma * Z.clamp(min=0), Z + gamma * Z.clamp(max=0))
     den = Q.sum(-1) + torch.where(up, b + gamma * b.clamp(min=0), b + gamma * b.clamp(max=0))
     return x, W, b, up, Q, den
 
 
-def linear_gamma_R(x, W, b, R_z, gamma, eps):
-    """R_x[..., k] = sum_n Q_nk R_z_n / stab(den_n) (b: the rule's bias, None if zeroed)."""
-    _, _, _, _, Q, den = _gamma_parts(x, W, b, gamma)
+def linear_gamma_R(x, W, b, R_z, gamma, eps, z=None):
+    """R_x[..., k] = sum_n Q_nk R_z_n / stab(den_n) (b: the rule's bias, None if zeroed; z: the
+    layer's output, whose sign picks the case)."""
+    _, _, _, _, Q, den = _gamma_parts(x, W, b, gamma, z)
     return torch.einsum("...nk,...n->...k", Q, d(R_z) / stab(den, eps))
 
 
@@ -410,7 +412,7 @@ def linear_gamma_G(x, W, b, G_z, gamma, eps, z=None):
     Z_nk = x_k W_nk: dQ_nk/dx_k = W_nk + gamma W_nk^+ where x_k and z_n have the same sign
     (x_k > 0 and z_n >= 0, or x_k < 0 and z_n < 0), else W_nk + gamma W_nk^-; at x_k = 0 the two
     one-sided derivatives are summed (the convention of the generic BasicHook)."""
-    x, W, bb, up, _, den = _gamma_parts(x, W, b, gamma)
+    x, W, bb, up, _, den = _gamma_parts(x, W, b, gamma, z)
     z = (torch.einsum("...k,nk->...n", x, W) + bb) if z is None else d(z)
     h = d(G_z) * z / stab(den, eps)                                    # [..., n]
     Wp, Wn = W + gamma * W.clamp(min=0), W + gamma * W.clamp(max=0)  # [n, k]

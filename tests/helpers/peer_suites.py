@@ -36,11 +36,25 @@ for _info in pkgutil.walk_packages(_ours.__path__, prefix={ours!r} + "."):
     sys.modules[{peer!r} + _info.name[len({ours!r}):]] = _mod
 '''
 
+# appended to the shim when a seed is given: the same random draws before every test, so that
+# suites with unseeded random inputs give the same outcome on every run
+_SEED = '''
+
+def pytest_runtest_setup(item):
+    import random
+    import torch
+    random.seed({seed})
+    torch.manual_seed({seed})
+'''
+
 
 def run_peer_suite(source: Path, peer: str, ours: str, *, python: Optional[Path] = None,
                    tests: Sequence[str] = ("tests",), extra_args: Sequence[str] = (),
-                   timeout: float = 1800) -> Dict[str, str]:
+                   timeout: float = 1800, seed: Optional[int] = None) -> Dict[str, str]:
     """Run ``source/tests`` with ``import {peer}`` resolving to ``{ours}``.
+
+    ``seed``: seed Python's and torch's random generators before every test (default: leave
+    them as the suite does).
 
     Returns ``{node id: "passed" | "failed" | "error" | "skipped"}``. ``python`` is the
     interpreter (default: this one). Raises ``RuntimeError`` with pytest's output tail when no
@@ -49,7 +63,10 @@ def run_peer_suite(source: Path, peer: str, ours: str, *, python: Optional[Path]
     python = Path(python or sys.executable)
     with tempfile.TemporaryDirectory(prefix=f"shim-{peer}-") as tmp:
         tmp = Path(tmp)
-        (tmp / f"_shim_{peer}.py").write_text(textwrap.dedent(_SHIM.format(peer=peer, ours=ours)))
+        shim = textwrap.dedent(_SHIM.format(peer=peer, ours=ours))
+        if seed is not None:
+            shim += textwrap.dedent(_SEED.format(seed=int(seed)))
+        (tmp / f"_shim_{peer}.py").write_text(shim)
         report = tmp / "report.xml"
         env = dict(os.environ)
         # the shim and our package first; the peer's own package folder (source/<peer>,

@@ -26,7 +26,7 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float) -> 
     half = x.shape[-1] // 2
     swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
     sign = torch.cat((-torch.ones(half, dtype=x.dtype), torch.ones(half, dtype=x.dtype)))
-    return F.add2(F.mul2(x, cos), F.mul2(swapped, sin * sign), eps)
+    return F.add2(F.mul2(x, cos), F.mul2(swapped, sin * sign), epsilon=eps)
 
 
 def llama_relevance_forward(model, inputs_embeds: torch.Tensor, eps: float = 1e-10,
@@ -53,17 +53,17 @@ def llama_relevance_forward(model, inputs_embeds: torch.Tensor, eps: float = 1e-
         v = F.linear_epsilon(h, attn.v_proj.weight, attn.v_proj.bias, eps).view(B, N, Hkv, d).transpose(1, 2)
         q, k = _rope(q, cos, sin, add_eps), _rope(k, cos, sin, add_eps)
         k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
-        s = F.mul2(F.matmul(q, k.transpose(-1, -2), eps), scale)
+        s = F.mul2(F.matmul(q, k.transpose(-1, -2), epsilon=eps), scale)
         p = F.softmax(s.masked_fill(~causal, float("-inf")), -1)
-        o = F.matmul(p, v, eps).transpose(1, 2).reshape(B, N, H * d)
-        x = F.add2(x, F.linear_epsilon(o, attn.o_proj.weight, attn.o_proj.bias, eps), add_eps)
+        o = F.matmul(p, v, epsilon=eps).transpose(1, 2).reshape(B, N, H * d)
+        x = F.add2(x, F.linear_epsilon(o, attn.o_proj.weight, attn.o_proj.bias, eps), epsilon=add_eps)
 
         n2 = layer.post_attention_layernorm
         h = F.rms_norm_identity(x, n2.weight, n2.variance_epsilon)
         gate = F.identity(torch.nn.functional.silu, F.linear_epsilon(h, mlp.gate_proj.weight, None, eps))
         up = F.linear_epsilon(h, mlp.up_proj.weight, None, eps)
         y = F.linear_epsilon(F.mul2(gate, up), mlp.down_proj.weight, None, eps)
-        x = F.add2(x, y, add_eps)
+        x = F.add2(x, y, epsilon=add_eps)
 
     nf = model.model.norm
     x = F.rms_norm_identity(x, nf.weight, nf.variance_epsilon)

@@ -35,15 +35,15 @@ class TestElementwise(OpContract):
         (lambda V: V.add(bad(2, 3)), ValueError, ["at least two"]),
         (lambda V: V.add2(bad(2, 3), torch.ones(2, 3, dtype=torch.int32)), TypeError, ["input 1", "floating"]),
         (lambda V: V.add2(bad(2, 3), bad(2, 3, device="meta")), ValueError, ["device"]),
-        (lambda V: V.add2(bad(2, 3), bad(2, 3), -0.1), ValueError, ["epsilon"]),
+        (lambda V: V.add2(bad(2, 3), bad(2, 3), epsilon=-0.1), ValueError, ["epsilon"]),
         (lambda V: V.mul2(bad(2, 3), bad(3, 2)), ValueError, ["broadcast"]),
         (lambda V: V.mul2(bad(2, 3), torch.ones(2, 3, dtype=torch.bool)), TypeError, ["b", "floating"]),
         (lambda V: V.mul2(bad(2, 3), bad(2, 3, device="meta")), ValueError, ["device"]),
         (lambda V: V.mean(bad(2, 5), 2), ValueError, ["dim"]),
         (lambda V: V.mean(bad(2, 5), (1, -1)), ValueError, ["repeat"]),
-        (lambda V: V.mean(bad(2, 5), 1, False, -1.0), ValueError, ["epsilon"]),
+        (lambda V: V.mean(bad(2, 5), 1, False, epsilon=-1.0), ValueError, ["epsilon"]),
         (lambda V: V.normalize(bad(2, 5), 2.0, 3), ValueError, ["dim"]),
-        (lambda V: V.identity(torch.tanh, bad(2, 5), -1.0), ValueError, ["epsilon"]),
+        (lambda V: V.identity(torch.tanh, bad(2, 5), epsilon=-1.0), ValueError, ["epsilon"]),
         (lambda V: V.identity("tanh", bad(2, 5)), TypeError, ["fn", "callable"]),
         (lambda V: V.identity(lambda t: t.sum(-1), bad(2, 5)), ValueError, ["element-wise"]),
         (lambda V: V.identity(torch.tanh, torch.ones(3, dtype=torch.int64)), TypeError, ["x", "floating"]),
@@ -125,3 +125,22 @@ def test_mean_scalar_and_empty_dims_follow_torch(view):
     assert out.shape == s.mean(0).shape
     out.backward(torch.ones_like(out))
     assert torch.isfinite(s.grad)
+
+
+def test_positional_flags_never_become_an_epsilon():
+    """LXT's third positional argument of add2 / matmul is ``inplace``: ours are keyword-only, so
+    ``add2(a, b, True)`` is a TypeError, never an epsilon of 1.0."""
+    a, b = torch.randn(2, 3, requires_grad=True), torch.randn(2, 3)
+    for view in (F, G):
+        for call in (lambda: view.add2(a, b, True), lambda: view.matmul(a, b.T, True),
+                     lambda: view.mean(a, -1, False, 0.1), lambda: view.identity(torch.tanh, a, 0.1),
+                     lambda: view.layer_norm(a, None, None, 1e-5, 0.1)):
+            with pytest.raises(TypeError, match="positional"):
+                call()
+
+
+def test_normalize_defaults_equal_torch():
+    """``normalize(x)`` is ``F.normalize(x)`` (``p=2, dim=1``) in both views."""
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    for view in (F, G):
+        assert torch.equal(view.normalize(x), torch.nn.functional.normalize(x))

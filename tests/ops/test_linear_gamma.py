@@ -60,7 +60,7 @@ def test_op_matches_oracle(gamma, relevance, bias, with_z):
     z = torch.nn.functional.linear(x, W, b_layer) if with_z else None
     got = dispatch.call("linear_gamma_backward", grad, x, W, b_rule, z, gamma, EPS, relevance, backend="torch")
     if relevance:
-        want = O.linear_gamma_R(x, W, b_rule, grad, gamma, EPS)
+        want = O.linear_gamma_R(x, W, b_rule, grad, gamma, EPS, z=z)
     else:
         want = O.linear_gamma_G(x, W, b_rule, grad, gamma, EPS, z=z)
     assert got.dtype == x.dtype and got.shape == x.shape
@@ -92,7 +92,7 @@ def test_linear_gamma_triton_matches_torch_and_float64(relevance, bias, with_z):
     assert ((ref32.double() - ref64).norm() / ref64.norm()).item() < 1e-5
     # and the independent oracle
     xc, Wc, bc, gc = (None if t is None else t.cpu() for t in (x, W, b, grad))
-    want = (O.linear_gamma_R(xc, Wc, bc, gc, 0.3, 1e-6) if relevance
+    want = (O.linear_gamma_R(xc, Wc, bc, gc, 0.3, 1e-6, z=None if z is None else z.cpu()) if relevance
             else O.linear_gamma_G(xc, Wc, bc, gc, 0.3, 1e-6, z=None if z is None else z.cpu()))
     assert rel_err(got, want) < 1e-5
 
@@ -106,7 +106,8 @@ def test_gamma_hook_matches_oracle(backend, view, zero_params):
     """``Gamma(0.25)`` on an ``nn.Linear`` (3-D batch, exact zeros in x). Relevance view:
     ``R_y = y * G`` (relevance proportional to the activation); gradient view: ``G_y = G``
     and ``R_y = y * G`` with ``y`` the layer's actual output (bias included even where the rule
-    zeroes it). float64 on torch / auto, float32 on triton (the interpreter)."""
+    zeroes it). The case (which sign gamma enlarges) follows the sign of that actual output in both
+    views. float64 on torch / auto, float32 on triton (the interpreter)."""
     dtype = torch.float32 if backend == "triton" else f64
     grad, x, W, b = _gamma_case(21, dtype=dtype)
     layer = nn.Linear(W.shape[1], W.shape[0]).to(dtype)
@@ -125,7 +126,7 @@ def test_gamma_hook_matches_oracle(backend, view, zero_params):
     b_rule = None if zero_params else b
     y64 = torch.nn.functional.linear(x.double(), W.double(), b.double())
     if relevance:
-        want = O.linear_gamma_R(x, W, b_rule, y64 * grad.double(), 0.25, EPS)
+        want = O.linear_gamma_R(x, W, b_rule, y64 * grad.double(), 0.25, EPS, z=y64)
     else:
         want = O.linear_gamma_G(x, W, b_rule, grad, 0.25, EPS, z=y64)
     tol = 1e-5 if dtype == torch.float32 else 1e-10

@@ -36,7 +36,7 @@ class TestMatmul(OpContract):
         (lambda V: V.matmul(bad(2, 3), bad(4, 5)), ValueError, ["contraction"]),
         (lambda V: V.matmul(bad(2, 3, 4), bad(3, 4, 5)), ValueError, ["batch", "broadcast"]),
         (lambda V: V.matmul(bad(2, 3), torch.tensor(2.0)), ValueError, ["at least 1 dim"]),
-        (lambda V: V.matmul(bad(2, 3), bad(3, 2), -1.0), ValueError, ["epsilon"]),
+        (lambda V: V.matmul(bad(2, 3), bad(3, 2), epsilon=-1.0), ValueError, ["epsilon"]),
         (lambda V: V.matmul(bad(2, 3), bad(3, 2, device="meta")), ValueError, ["device"]),
     ]
 

@@ -36,11 +36,11 @@ def mlp_block(V, x, p, eps=1e-6, plain_residual=False):
     """linear -> rmsnorm -> identity(silu) gate * up -> linear -> residual add."""
     h = V.linear_epsilon(x, p["w_in"], p["b_in"], eps)
     n = V.rms_norm_identity(h, p["norm"], 1e-6)
-    gate = V.identity(tF.silu, V.linear_epsilon(n, p["w_gate"], None, eps), eps)
+    gate = V.identity(tF.silu, V.linear_epsilon(n, p["w_gate"], None, eps), epsilon=eps)
     up = V.linear_epsilon(n, p["w_up"], None, eps)
     y = V.linear_epsilon(V.mul2(gate, up), p["w_down"], None, eps)
     # in the gradient view a residual sum needs no rule (SPEC): plain + must agree too
-    return h + y if plain_residual else V.add2(h, y, eps)
+    return h + y if plain_residual else V.add2(h, y, epsilon=eps)
 
 
 def attention_block(V, x, p, eps=1e-6, heads=3):
@@ -51,9 +51,9 @@ def attention_block(V, x, p, eps=1e-6, heads=3):
     def split(u):  # [b, t, d] -> [b, heads, t, hd]: a reshape/transpose, no rule needed
         return u.reshape(b, t, heads, hd).transpose(1, 2)
     q, k, v = (split(V.linear_epsilon(x, p[n], None, eps)) for n in ("w_q", "w_k", "w_v"))
-    scores = V.matmul(q, k.transpose(-1, -2), eps)
+    scores = V.matmul(q, k.transpose(-1, -2), epsilon=eps)
     probs = V.softmax(scores, -1, temperature=math.sqrt(hd))
-    o = V.matmul(probs, v, eps).transpose(1, 2).reshape(b, t, d)
+    o = V.matmul(probs, v, epsilon=eps).transpose(1, 2).reshape(b, t, d)
     return V.linear_epsilon(o, p["w_out"], None, eps)
 
 
@@ -107,11 +107,11 @@ def test_network_views_differ_when_a_rule_is_missing():
     x = rand(gen, (2, 5, 12), torch.float64)
 
     def net_plain_mul(V, x):
-        gate = V.identity(tF.silu, V.linear_epsilon(x, p["w_gate"], None, 1e-12), 1e-12)
+        gate = V.identity(tF.silu, V.linear_epsilon(x, p["w_gate"], None, 1e-12), epsilon=1e-12)
         return V.linear_epsilon(gate * V.linear_epsilon(x, p["w_up"], None, 1e-12), p["w_down"], None, 1e-12)
 
     def net_rule_mul(V, x):
-        gate = V.identity(tF.silu, V.linear_epsilon(x, p["w_gate"], None, 1e-12), 1e-12)
+        gate = V.identity(tF.silu, V.linear_epsilon(x, p["w_gate"], None, 1e-12), epsilon=1e-12)
         return V.linear_epsilon(V.mul2(gate, V.linear_epsilon(x, p["w_up"], None, 1e-12)), p["w_down"],
                                 None, 1e-12)
     xr = x.detach().clone().requires_grad_()

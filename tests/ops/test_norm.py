@@ -41,7 +41,7 @@ class TestNorm(OpContract):
         (lambda V: V.rms_norm_identity(bad(2, 5), bad(5), -1.0), ValueError, ["eps"]),
         (lambda V: V.rms_norm_identity(bad(2, 5), bad(5, device="meta")), ValueError, ["device"]),
         (lambda V: V.layer_norm(bad(2, 5), bad(5), bad(3)), ValueError, ["bias", "(5,)"]),
-        (lambda V: V.layer_norm(bad(2, 5), None, None, 1e-5, -1.0), ValueError, ["epsilon"]),
+        (lambda V: V.layer_norm(bad(2, 5), None, None, 1e-5, epsilon=-1.0), ValueError, ["epsilon"]),
         (lambda V: V.layer_norm(torch.ones(2, 5, dtype=torch.int64)), TypeError, ["x", "floating"]),
     ]
 
@@ -211,11 +211,11 @@ def spy(monkeypatch):
     return counts
 
 
-def run_both_views(how, drop_in, x, gy, *args):
+def run_both_views(how, drop_in, x, gy, *args, **drop_in_kw):
     """The drop-in ``drop_in`` on a fresh leaf copy of ``x`` in the R and G views, backward with
     ``gy``, on the cpp backend chosen ``how`` (per call ``backend=``, ``use_backend``, or auto);
     returns {"R": (output, x's grad), "G": (output, x's grad)}."""
-    kw = {"backend": "cpp"} if how == "backend=" else {}
+    kw = dict(drop_in_kw, **({"backend": "cpp"} if how == "backend=" else {}))
     outs = {}
     for name, view in (("R", F), ("G", G)):
         xr = x.clone().requires_grad_()
@@ -246,7 +246,7 @@ def test_public_rms_norm_both_views(ext, spy, monkeypatch, dtype, how):
 def test_public_layer_norm_both_views(ext, spy, monkeypatch, dtype, how):
     monkeypatch.delenv("LRP_KERNELS_BACKEND", raising=False)
     x, w, b, gy = inputs((3, 4, 67), dtype, seed=9)
-    outs = run_both_views(how, "layer_norm", x, gy, w, b, 1e-5, 1e-6)
+    outs = run_both_views(how, "layer_norm", x, gy, w, b, 1e-5, epsilon=1e-6)
     for y, _ in outs.values():
         assert rel(y, O.layer_norm(x, w, b, 1e-5)) < ORACLE_TOL[dtype]
     assert spy["layer_norm_forward"] == 2 and spy["layer_norm_backward"] == 2

@@ -5,7 +5,7 @@ Math: :mod:`lrp_kernels.ops.linear_gamma`. For ``x [M, K]``, ``W [N, K]``:
 1. ``_gamma_den_kernel`` (tile ``[BLOCK_M, BLOCK_N]`` of the outputs): splits each loaded ``x``
    tile into ``x+``/``x-`` and each ``W`` tile into ``Wp = W + gamma W+``/``Wn = W + gamma W-`` in
    registers, accumulates ``den_p`` and ``den_n`` with four dots, adds the bias terms, and in the
-   epilogue picks the sign of ``z`` (``den_p + den_n = (2 + gamma) z``), stabilises and divides:
+   epilogue picks the case by the sign of ``z`` (the given output, else ``(den_p + den_n) / (2 + gamma)``), stabilises and divides:
    it stores ``g_p``, ``g_n`` (float32 ``[M, N]``), never ``Wp``/``Wn``/``x+``/``x-``.
 2. ``_gamma_bwd_kernel`` (tile ``[BLOCK_M, BLOCK_K]`` of the inputs): ``A = g_p @ Wp + g_n @ Wn``,
    ``B = g_p @ Wn + g_n @ Wp`` with the weight split again in registers; the epilogue writes
@@ -72,13 +72,13 @@ def _gamma_den_kernel(
     total = acc_p + acc_n
     mask = in_m[:, None] & in_n[None, :]
     r = tl.load(G + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn, mask=mask, other=0.0).to(tl.float32)
+    if HAS_Z:  # the layer's actual output: its sign picks the case (the rule's bias may be zeroed)
+        z = tl.load(Z + offs_m[:, None] * stride_zm + offs_n[None, :] * stride_zn, mask=mask, other=0.0).to(tl.float32)
+    else:
+        z = total / (2.0 + gamma)
     if not RELEVANCE:
-        if HAS_Z:
-            z = tl.load(Z + offs_m[:, None] * stride_zm + offs_n[None, :] * stride_zn, mask=mask, other=0.0)
-            r = r * z.to(tl.float32)
-        else:
-            r = r * (total / (2.0 + gamma))
-    positive = total >= 0
+        r = r * z
+    positive = z >= 0
     sp = stabilize(acc_p, eps)
     sn = stabilize(acc_n, eps)
     gp = tl.where(positive, r / sp, 0.0)
