@@ -192,7 +192,7 @@ def _patch_context(model, rules: str, epsilon: Optional[float], backend: Optiona
             raise ExplainError("the model is already patched with other options: "
                                + ", ".join(clash) + "; call remove() on the patch handle first, "
                                "or leave these arguments out to use the patch as it is")
-        return contextlib.nullcontext(handle)
+        return handle.gradient_view()  # explain computes x * G itself, whatever the patch's view
     from ..hf.patching import patch
     return patch(model, rules=rules, epsilon=DEFAULT_EPSILON if epsilon is None else epsilon,
                  backend=backend or "auto", strict=strict)

@@ -9,6 +9,12 @@
         relevance = (emb * emb.grad).sum(-1)         # gradient view: relevance = x * x.grad
     # handle.remove() / leaving the block restores the model exactly
 
+    with lrp_kernels.patch(model, view="relevance"):   # LXT explicit's convention
+        emb = model.get_input_embeddings()(ids).requires_grad_()
+        logit = model(inputs_embeds=emb, use_cache=False).logits[0, -1].max()
+        logit.backward(logit)                        # seed: the output's relevance
+        relevance = emb.grad.sum(-1)                 # .grad is the relevance
+
 What the patch does, on this model instance only (nothing class-level, nothing global except
 registering two new attention *names* in transformers' AttentionInterface):
 
@@ -38,8 +44,9 @@ import contextlib
 import copy
 import warnings
 import weakref
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
+import torch
 from torch import nn
 
 from .families import Family, family_for
@@ -61,8 +68,11 @@ class PatchHandle:
     attention adapter read ``rules``, ``epsilon`` and ``backend`` from here. Also a context
     manager; ``remove()`` restores the model exactly."""
 
-    def __init__(self, model: nn.Module, rules: str, epsilon: float, backend: str, attention: str = "auto") -> None:
+    def __init__(self, model: nn.Module, rules: str, epsilon: float, backend: str, attention: str = "auto",
+                 view: str = "gradient") -> None:
         self.model, self.rules, self.epsilon, self.attention = model, rules, float(epsilon), attention
+        self.view = view
+        self._boundaries_on = True  # relevance view: see gradient_view()
         self.backend: Optional[str] = None if backend == "auto" else backend  # passed to the ops
         self.backend_name = backend
         self.applied: dict[str, str] = {}  # module name -> rule installed
@@ -115,6 +125,17 @@ class PatchHandle:
             self.applied.clear()
             self._reinstall()
 
+    @contextlib.contextmanager
+    def gradient_view(self) -> Iterator["PatchHandle"]:
+        """Inside the block the patch behaves as ``view="gradient"`` whatever its view (the
+        relevance view's two boundaries pass gradients through unchanged); what
+        :func:`lrp_kernels.explain` uses on a caller's patch."""
+        before, self._boundaries_on = self._boundaries_on, False
+        try:
+            yield self
+        finally:
+            self._boundaries_on = before
+
     def _deepcopy_unpatched(self, memo: dict) -> nn.Module:
         with self.unpatched() as model:
             return copy.deepcopy(model, memo)
@@ -128,7 +149,7 @@ class PatchHandle:
     def __repr__(self) -> str:
         state = "active" if self.active else "removed"
         return (f"PatchHandle({type(self.model).__name__}, rules={self.rules!r}, epsilon={self.epsilon}, "
-                f"backend={self.backend_name!r}, {len(self.applied)} modules, {state})")
+                f"backend={self.backend_name!r}, view={self.view!r}, {len(self.applied)} modules, {state})")
 
 
 def _plan(model: nn.Module, family: Optional[Family]) -> tuple[list, list[str]]:
@@ -202,6 +223,80 @@ def _freeze(handle: PatchHandle, model: nn.Module) -> None:
 
 
 ATTENTION_CHOICES = ("auto", "platform", "exact")
+VIEWS = ("gradient", "relevance")
+#: keyword arguments whose ``.grad`` is the relevance in the relevance view
+RELEVANCE_INPUTS = ("inputs_embeds", "decoder_inputs_embeds", "pixel_values")
+
+
+class _RelevanceAtInput(torch.autograd.Function):
+    """Input boundary of the relevance view: forward identity; backward ``R_x = x * G_x``."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, = ctx.saved_tensors
+        cd = torch.promote_types(grad.dtype, torch.float32)  # bf16 / fp16 products in float32
+        return (x.to(cd) * grad.to(cd)).to(grad.dtype)
+
+
+class _RelevanceAtOutput(torch.autograd.Function):
+    """Output boundary of the relevance view: forward identity; backward ``G_y = R_y / y``
+    (the gradient-view seed whose relevance ``y * G_y`` is the given ``R_y``); where ``y = 0``
+    exactly, ``R_y / epsilon``, the stabiliser of every epsilon rule."""
+
+    @staticmethod
+    def forward(ctx, y, epsilon):
+        ctx.save_for_backward(y)
+        ctx.epsilon = epsilon
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, relevance):
+        y, = ctx.saved_tensors
+        cd = torch.promote_types(relevance.dtype, torch.float32)
+        yc = y.to(cd)
+        den = torch.where(yc == 0, torch.full_like(yc, ctx.epsilon), yc)
+        return (relevance.to(cd) / den).to(relevance.dtype), None
+
+
+def _wrap_model_output(output: Any, epsilon: float) -> Any:
+    """The model output with its relevance carrier (``logits``, else ``last_hidden_state``, else
+    the first floating tensor) behind the output boundary."""
+    def wrap(t):
+        return _RelevanceAtOutput.apply(t, epsilon)
+    if isinstance(output, torch.Tensor):
+        return wrap(output)
+    for key in ("logits", "last_hidden_state"):
+        value = getattr(output, key, None) if not isinstance(output, tuple) else None
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            setattr(output, key, wrap(value))  # a ModelOutput keeps attribute and item in step
+            return output
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+        return (wrap(output[0]),) + tuple(output[1:])
+    raise TypeError(f"view='relevance' found no logits / last_hidden_state / tensor in the model's "
+                    f"output ({type(output).__name__}) to seed relevance at")
+
+
+def _install_relevance_view(handle: "PatchHandle", model: nn.Module) -> None:
+    """Boundaries that turn the gradient view into LXT-explicit's relevance view: the output's
+    backward seed is its relevance, ``inputs_embeds.grad`` is the input relevance."""
+    def at_input(module, args, kwargs):
+        if not handle._boundaries_on:
+            return None
+        wrapped = {k: _RelevanceAtInput.apply(v) for k, v in kwargs.items()
+                   if k in RELEVANCE_INPUTS and isinstance(v, torch.Tensor) and v.is_floating_point()}
+        return (args, dict(kwargs, **wrapped)) if wrapped else None
+
+    def at_output(module, args, kwargs, output):
+        return _wrap_model_output(output, handle.epsilon) if handle._boundaries_on else None
+
+    for hook in (model.register_forward_pre_hook(at_input, with_kwargs=True),
+                 model.register_forward_hook(at_output, with_kwargs=True)):
+        handle._undo.append(hook.remove)
 
 
 def _claim(handle: PatchHandle, model: nn.Module) -> None:
@@ -230,6 +325,8 @@ def _install(handle: PatchHandle, plan: list, family: Optional[Family]) -> None:
             handle.applied[name] = rule_name
         if family is not None and family.setup is not None:
             family.setup(handle, model)
+        if handle.view == "relevance":
+            _install_relevance_view(handle, model)
         handle.set_attr(model, _MARK, handle)
         # a patched model still copies and saves like an unpatched one (see PatchHandle.unpatched)
         handle.set_attr(model, "__deepcopy__", handle._deepcopy_unpatched)
@@ -253,9 +350,9 @@ def _refuse_pickle(protocol=None):
 
 
 def patch(model: nn.Module, rules: str = "attnlrp", epsilon: float = DEFAULT_EPSILON, backend: str = "auto",
-          strict: bool = True, attention: str = "auto") -> PatchHandle:
+          strict: bool = True, attention: str = "auto", view: str = "gradient") -> PatchHandle:
     """Patch one Hugging Face model instance with AttnLRP (``rules="attnlrp"``) or CP-LRP
-    (``"cp-lrp"``: no relevance through the attention softmax) in the gradient view.
+    (``"cp-lrp"``: no relevance through the attention softmax).
 
     Args:
         model: a transformers ``PreTrainedModel`` of a registered family
@@ -273,6 +370,14 @@ def patch(model: nn.Module, rules: str = "attnlrp", epsilon: float = DEFAULT_EPS
             (:func:`lrp_kernels.ops.attention.attnlrp_attention`: the exact rule, chunked on CPU,
             flash-AttnLRP on CUDA; forward values from the model's own attention). The forward
             is the unpatched model's, bit for bit, on every path.
+        view: what ``backward`` means at the model's boundary. ``"gradient"`` (default): seed
+            the output with a gradient (``logit.backward()``) and read the relevance as
+            ``inputs_embeds * inputs_embeds.grad``. ``"relevance"`` (LXT explicit's convention):
+            seed with the output's relevance (``logit.backward(logit)``, or any relevance
+            tensor) and ``inputs_embeds.grad`` *is* the relevance. Inside the model both are the
+            same rules; the relevance view adds two boundaries: on the ``inputs_embeds``
+            (``decoder_inputs_embeds``, ``pixel_values``) keyword arguments (``R = x * G``) and on the output's ``logits`` (or
+            ``last_hidden_state``; ``G = R / y``, which saves the logits for the backward).
 
     Returns:
         a :class:`PatchHandle` (context manager; ``remove()`` restores the model exactly).
@@ -291,6 +396,9 @@ def patch(model: nn.Module, rules: str = "attnlrp", epsilon: float = DEFAULT_EPS
     dispatch.check_backend(backend)
     if attention not in ATTENTION_CHOICES:
         raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {attention!r}")
+    if view not in VIEWS:
+        raise ValueError(f"view must be one of {VIEWS} (what backward seeds and .grad hold at the model's "
+                         f"boundary), got {view!r}")
     existing = vars(model).get(_MARK)
     if existing is not None and existing.active:
         raise RuntimeError("model is already patched; call remove() on its handle first")
@@ -308,7 +416,7 @@ def patch(model: nn.Module, rules: str = "attnlrp", epsilon: float = DEFAULT_EPS
         warnings.warn(msg + "\n(these keep their plain gradient)", stacklevel=2)
 
     attention_adapter.register_attention()
-    handle = PatchHandle(model, rules, epsilon, backend, attention)
+    handle = PatchHandle(model, rules, epsilon, backend, attention, view)
     handle.unsupported = unknown
     handle._reinstall = lambda: _install(handle, plan, family)
     handle._reinstall()
