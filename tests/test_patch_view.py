@@ -124,3 +124,25 @@ def test_bad_view_is_named():
     model, _ = build("llama")
     with pytest.raises(ValueError, match="view must be one of"):
         lrp_kernels.patch(model, view="relevant")
+
+
+def test_relevance_view_drop_in_on_a_gradient_view_output_is_refused():
+    """LXT's quickstart applies ``lf.softmax(logits, -1, temperature=2)`` after the model: right
+    under view="relevance", a silent mix of views under the default; that is an error naming
+    both ways out."""
+    import lrp_kernels.functional as lf
+    import lrp_kernels.grad as lg
+    model, kind = build("llama")
+    inputs = make_inputs(model, kind)
+    with lrp_kernels.patch(model):
+        logits = model(**inputs).logits
+        with pytest.raises(ValueError, match="grad.softmax.*view='relevance'"):
+            lf.softmax(logits, -1, temperature=2.0)
+        lg.softmax(logits, -1, temperature=2.0)  # the gradient-view twin is fine
+    lf.softmax(logits, -1, temperature=2.0)  # the patch is gone: nothing left to mix with
+    with lrp_kernels.patch(model, view="relevance"):
+        x = inputs["inputs_embeds"].clone().requires_grad_()
+        probs = lf.softmax(model(**dict(inputs, inputs_embeds=x)).logits, -1, temperature=2.0)
+        top = probs[0, -1].max()
+        top.backward(top)
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0

@@ -54,7 +54,7 @@ from . import installers
 from . import attention as attention_adapter
 from ..backends import dispatch
 from ..ops._common import (DEFAULT_EPSILON, check_epsilon, claim_gradient_view, gradient_view_owner,
-                           release_gradient_view)
+                           mark_gradient_view_output, release_gradient_view)
 
 _MARK = "_lrp_kernels_patch"
 
@@ -281,6 +281,18 @@ def _wrap_model_output(output: Any, epsilon: float) -> Any:
                     f"output ({type(output).__name__}) to seed relevance at")
 
 
+def _mark_gradient_view_output(handle: "PatchHandle", model: nn.Module) -> None:
+    """Mark the output (logits) of a gradient-view patch, so a relevance-view drop-in applied
+    to it (``lrp_kernels.functional.softmax(logits)``) raises instead of mixing views."""
+    def mark(module, args, output):
+        for t in (output, getattr(output, "logits", None), getattr(output, "last_hidden_state", None)):
+            if isinstance(t, torch.Tensor):
+                mark_gradient_view_output(t, handle)
+        if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+            mark_gradient_view_output(output[0], handle)
+    handle._undo.append(model.register_forward_hook(mark).remove)
+
+
 def _install_relevance_view(handle: "PatchHandle", model: nn.Module) -> None:
     """Boundaries that turn the gradient view into LXT-explicit's relevance view: the output's
     backward seed is its relevance, ``inputs_embeds.grad`` is the input relevance."""
@@ -327,6 +339,8 @@ def _install(handle: PatchHandle, plan: list, family: Optional[Family]) -> None:
             family.setup(handle, model)
         if handle.view == "relevance":
             _install_relevance_view(handle, model)
+        else:
+            _mark_gradient_view_output(handle, model)
         handle.set_attr(model, _MARK, handle)
         # a patched model still copies and saves like an unpatched one (see PatchHandle.unpatched)
         handle.set_attr(model, "__deepcopy__", handle._deepcopy_unpatched)

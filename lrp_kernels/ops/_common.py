@@ -247,6 +247,27 @@ def gradient_view_owner(module):
     return owner if owner is not None and getattr(owner, "active", True) else None
 
 
+_VIEW_MARK = "_lrp_kernels_gradient_view_owner"
+
+
+def mark_gradient_view_output(t: torch.Tensor, owner) -> None:
+    """``t`` is the output of a model patched in the gradient view (``owner``): a relevance-view
+    drop-in applied to it would hand the model a relevance where it expects a gradient."""
+    setattr(t, _VIEW_MARK, owner)
+
+
+def refuse_gradient_view_inputs(op: str, tensors) -> None:
+    """Raise when a relevance-view drop-in gets the output of an active gradient-view patch."""
+    for t in tensors:
+        owner = getattr(t, _VIEW_MARK, None) if isinstance(t, torch.Tensor) else None
+        if owner is not None and getattr(owner, "active", False):
+            raise ValueError(
+                f"lrp_kernels.functional.{op} (relevance view) got the output of a model patched in the "
+                f"gradient view ({owner!r}): its backward would pass a relevance where the model expects "
+                f"a gradient. Use lrp_kernels.grad.{op} (same rule, gradient view), or patch the model "
+                f"with view='relevance'")
+
+
 def is_zero(t: Optional[torch.Tensor]) -> bool:
     """None or all zeros (a bias that absorbs no relevance)."""
     return t is None or not bool(t.detach().any())

@@ -6,6 +6,7 @@ are made here from one definition rather than written twice.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -15,7 +16,7 @@ from . import linear_epsilon as _lin
 from . import matmul as _mm
 from . import norm as _norm
 from . import softmax as _sm
-from ._common import DEFAULT_EPSILON
+from ._common import DEFAULT_EPSILON, refuse_gradient_view_inputs
 
 NAMES = ("linear_epsilon", "add2", "add", "mul2", "matmul", "softmax", "rms_norm_identity",
          "layer_norm", "mean", "normalize", "identity", "stop_relevance")
@@ -83,7 +84,19 @@ def build(relevance_view: bool) -> dict:
 
     stop_relevance = _ew.stop_relevance
     loc = locals()
-    return {name: loc[name] for name in NAMES}
+    fns = {name: loc[name] for name in NAMES}
+    if relevance_view:  # never silently mixed with a gradient-view patch's output
+        fns = {name: _refusing_gradient_view_outputs(name, fn) if name != "stop_relevance" else fn
+               for name, fn in fns.items()}
+    return fns
+
+
+def _refusing_gradient_view_outputs(name: str, fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def checked(*args, **kwargs):
+        refuse_gradient_view_inputs(name, list(args) + list(kwargs.values()))
+        return fn(*args, **kwargs)
+    return checked
 
 
 def publish(namespace: dict, relevance_view: bool) -> None:
@@ -91,4 +104,7 @@ def publish(namespace: dict, relevance_view: bool) -> None:
     for name, fn in build(relevance_view).items():
         if fn.__module__ == __name__:
             fn.__module__, fn.__qualname__ = namespace["__name__"], name
+            inner = getattr(fn, "__wrapped__", None)
+            if inner is not None:
+                inner.__module__, inner.__qualname__ = namespace["__name__"], name
         namespace[name] = fn
