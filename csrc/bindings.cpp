@@ -98,6 +98,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(grad_y, x, weight|None, bias|None, mean, rstd, epsilon, relevance) -> grad_x",
         py::arg("grad_y"), py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("mean"),
         py::arg("rstd"), py::arg("epsilon"), py::arg("relevance"));
+  m.def("set_huge_page_advice", &lrp::cpu::set_huge_page_advice,
+        "advise transparent huge pages for large CPU outputs (on) or not (off)", py::arg("on"));
+  m.def("huge_page_advice", &lrp::cpu::huge_page_advice, "whether large CPU outputs get the huge-page advice");
 #ifdef LRP_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

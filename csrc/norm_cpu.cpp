@@ -16,6 +16,7 @@
 #include <sys/mman.h>
 #endif
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -196,17 +197,20 @@ int64_t rows_of(const at::Tensor& x) {
   return H == 0 ? 0 : x.numel() / H;
 }
 
-// A fresh output of x's shape and dtype. Large outputs ask for transparent huge pages before
+// A fresh output of x's shape and dtype. Large outputs may ask for transparent huge pages before
 // their first touch: faulting in a fresh buffer page by page costs more than the kernel itself
-// (128 MiB: ~120 ms of 4 KiB faults vs ~20 ms with 2 MiB pages). Advisory only; what
-// THP_MEM_ALLOC_ENABLE=1 does for every torch allocation, here just for our outputs.
+// (128 MiB: ~120 ms of 4 KiB faults vs ~20 ms with 2 MiB pages). But where the kernel's THP
+// `defrag` setting compacts memory synchronously for advised regions, one fault can stall for
+// tens of ms, so the Python side decides per machine (set_huge_page_advice; off by default here).
+std::atomic<bool> g_advise_huge_pages{false};
+
 at::Tensor empty_output(const at::Tensor& x) {
   at::Tensor t = at::empty(x.sizes(), x.options());
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
   const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
   const uintptr_t begin = (p + kHuge - 1) & ~(kHuge - 1), end = (p + t.nbytes()) & ~(kHuge - 1);
-  if (t.nbytes() >= 4 * kHuge && end > begin)
+  if (g_advise_huge_pages.load(std::memory_order_relaxed) && t.nbytes() >= 4 * kHuge && end > begin)
     (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
 #endif
   return t;
@@ -301,5 +305,9 @@ at::Tensor layer_norm_backward(const at::Tensor& grad_y, const at::Tensor& x_in,
   });
   return out;
 }
+
+void set_huge_page_advice(bool on) { g_advise_huge_pages.store(on, std::memory_order_relaxed); }
+
+bool huge_page_advice() { return g_advise_huge_pages.load(std::memory_order_relaxed); }
 
 }  // namespace lrp::cpu

@@ -52,6 +52,7 @@ from . import dispatch
 
 EXT_NAME = "lrp_kernels_cpp"
 ENV_DISABLE = "LRP_KERNELS_NO_CPP"
+ENV_HUGE_PAGES = "LRP_KERNELS_HUGE_PAGES"  # auto (default) | on | off
 ENV_CACHE = "LRP_KERNELS_CACHE_DIR"
 STALE_LOCK_SECONDS = 600.0  # a cold build takes ~30-60 s; ten minutes means it died
 CPU_SOURCES = ("bindings.cpp", "norm_cpu.cpp")
@@ -80,6 +81,28 @@ class _State:
 _STATE = _State()
 _LOCK = threading.Lock()
 _warned = False
+
+
+def huge_page_advice_wanted(defrag_path: str = "/sys/kernel/mm/transparent_hugepage/defrag") -> bool:
+    """Whether the extension should advise huge pages for its large CPU outputs.
+
+    ``LRP_KERNELS_HUGE_PAGES=on|off`` decides; ``auto`` (default) advises only where a fault in an
+    advised region cannot stall in synchronous compaction: the kernel's THP ``defrag`` setting is
+    ``defer`` (compaction in the background) or ``never``. Under ``madvise``, ``defer+madvise``
+    and ``always``, one fault may compact memory for tens of ms, and a fresh output per call turns
+    that into a loss against the torch fallback (benchmarks/bench_norm_pages.py).
+    """
+    choice = os.environ.get(ENV_HUGE_PAGES, "auto").strip().lower() or "auto"
+    if choice not in ("auto", "on", "off"):
+        raise ValueError(f"{ENV_HUGE_PAGES} must be auto, on or off, got {choice!r}")
+    if choice != "auto":
+        return choice == "on"
+    try:
+        text = Path(defrag_path).read_text()
+    except OSError:
+        return False
+    selected = text[text.find("[") + 1:text.find("]")] if "[" in text else text.strip()
+    return selected in ("defer", "never")
 
 
 def disabled() -> bool:
@@ -348,10 +371,9 @@ def load_extension(verbose: bool = False) -> ModuleType:
             directory, with_cuda = _key()
             _STATE.build_dir = directory
             so = _built_so(directory)
-            if so is not None:
-                _STATE.module = _import_so(so)
-            else:
-                _STATE.module = _build(directory, with_cuda, verbose)
+            module = _import_so(so) if so is not None else _build(directory, with_cuda, verbose)
+            module.set_huge_page_advice(huge_page_advice_wanted())
+            _STATE.module = module
         except BuildError as err:
             _STATE.error = str(err)
             _warn_once(_STATE.error)

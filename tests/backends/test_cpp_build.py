@@ -46,6 +46,47 @@ def fresh_state(monkeypatch):
     return _cpp
 
 
+# ---- huge-page advice for large outputs ------------------------------------------------------------
+
+@pytest.mark.parametrize("defrag,want", [
+    ("always defer defer+madvise [madvise] never", False),   # synchronous compaction: may stall
+    ("[always] defer defer+madvise madvise never", False),
+    ("always defer [defer+madvise] madvise never", False),
+    ("always [defer] defer+madvise madvise never", True),    # compaction in the background
+    ("always defer defer+madvise madvise [never]", True),    # huge pages only when free
+])
+def test_huge_page_advice_follows_the_defrag_setting(tmp_path, monkeypatch, defrag, want):
+    monkeypatch.delenv(_cpp.ENV_HUGE_PAGES, raising=False)
+    f = tmp_path / "defrag"
+    f.write_text(defrag + "\n")
+    assert _cpp.huge_page_advice_wanted(str(f)) is want
+    monkeypatch.setenv(_cpp.ENV_HUGE_PAGES, "on")
+    assert _cpp.huge_page_advice_wanted(str(f)) is True
+    monkeypatch.setenv(_cpp.ENV_HUGE_PAGES, "off")
+    assert _cpp.huge_page_advice_wanted(str(f)) is False
+    monkeypatch.setenv(_cpp.ENV_HUGE_PAGES, "sometimes")
+    with pytest.raises(ValueError, match="LRP_KERNELS_HUGE_PAGES"):
+        _cpp.huge_page_advice_wanted(str(f))
+    monkeypatch.delenv(_cpp.ENV_HUGE_PAGES)
+    assert _cpp.huge_page_advice_wanted(str(tmp_path / "missing")) is False
+
+
+def test_extension_applies_the_advice_and_outputs_match(ext):
+    """The switch reaches the extension; the output values never depend on it."""
+    before = ext.huge_page_advice()
+    x = torch.randn(2048, 2048)  # 16 MiB: above the advice threshold
+    try:
+        ys = []
+        for on in (True, False):
+            ext.set_huge_page_advice(on)
+            assert ext.huge_page_advice() is on
+            ys.append(ext.rms_norm_forward(x, None, 1e-6)[0])
+        assert torch.equal(ys[0], ys[1])
+    finally:
+        ext.set_huge_page_advice(before)
+    assert before is _cpp.huge_page_advice_wanted()
+
+
 # ---- auto picks it for CPU tensors ----------------------------------------------------------------
 
 def test_auto_picks_cpp_for_cpu_tensors(ext, monkeypatch):
@@ -71,7 +112,7 @@ def _run_both_views(**kw):
     xr = x.clone().requires_grad_()
     G.rms_norm_identity(xr, w, 1e-6, **kw).backward(gy)
     xl = x.clone().requires_grad_()
-    F.layer_norm(xl, w, b, 1e-5, 1e-6, **kw).backward(gy)
+    F.layer_norm(xl, w, b, 1e-5, epsilon=1e-6, **kw).backward(gy)
     assert rel(xr.grad, O.rms_norm_G(x, w, gy, 1e-6)) < 1e-5
     assert_ln_relevance(xl.grad, x, w, b, gy, 1e-5, 1e-6, torch.float32)
 
