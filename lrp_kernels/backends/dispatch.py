@@ -12,7 +12,12 @@ Choosing a backend, most specific first:
 3. the ``LRP_KERNELS_BACKEND`` environment variable (process-wide),
 4. ``"auto"``: the first available backend in ``AUTO_ORDER`` that implements the op for the
    tensors' device and dtype (and was not registered with ``auto=False``), else ``torch``.
-   ``auto`` never picks the Triton interpreter.
+   ``auto`` never picks the Triton interpreter. A kernel registered with ``auto="measured"``
+   (two implementations of one rule whose order depends on the device and the shape, such as
+   the fused Triton epsilon-linear vs rescale + the platform GEMM) is auto's choice only where
+   it was *measured* faster than ``torch``: the first call of each (op, device, dtype, shape
+   class) times both on the actual arguments, once per process, and caches the winner
+   (:func:`measured_choices`; :func:`set_timer` injects timings in tests).
 
 Forcing a backend that is unavailable raises :class:`BackendUnavailableError` with the reason.
 Forcing an available backend for an op it has no kernel for falls back to ``torch`` (every
@@ -21,10 +26,12 @@ rule has a torch implementation; a backend accelerates a subset of ops).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
+import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 
@@ -42,8 +49,9 @@ class _Impl:
     fn: Callable
     # returns None when the impl can take these tensors, else a short reason
     supports: Optional[Callable[..., Optional[str]]]
-    # False: only used when forced (measured slower than the torch path it would replace)
-    auto: bool = True
+    # False: only used when forced (measured slower than the torch path it would replace);
+    # "measured": auto picks it where it times faster than torch (per device / dtype / shape class)
+    auto: Union[bool, str] = True
 
 
 # op name -> backend name -> implementation
@@ -70,16 +78,19 @@ def register(
     backend: str,
     fn: Callable,
     supports: Optional[Callable[..., Optional[str]]] = None,
-    auto: bool = True,
+    auto: Union[bool, str] = True,
 ) -> None:
     """Register ``fn`` as the ``backend`` implementation of kernel op ``op``.
 
     ``supports(*args, **kwargs)`` (same arguments as ``fn``) returns ``None`` if ``fn`` can
     run on those inputs, else a short reason (used by ``auto`` to skip, and in errors).
     ``auto=False``: ``auto`` never picks it (a kernel measured slower than the torch path it
-    would replace); forcing the backend still runs it.
+    would replace); ``auto="measured"``: ``auto`` picks it where it times faster than ``torch``
+    (see the module docstring); forcing the backend still runs it either way.
     """
     _check_name(backend, allow_auto=False)
+    if auto not in (True, False, "measured"):
+        raise ValueError(f"auto must be True, False or 'measured', got {auto!r}")
     _REGISTRY.setdefault(op, {})[backend] = _Impl(fn, supports, auto)
 
 
@@ -195,8 +206,11 @@ def resolve(op: str, *args, backend: Optional[str] = None, **kwargs) -> tuple[st
             if _interpreted(name, args):
                 continue
             impl = impls[name]
-            if impl.auto and (impl.supports is None or impl.supports(*args, **kwargs) is None):
-                return name, impl.fn
+            if not impl.auto or (impl.supports is not None and impl.supports(*args, **kwargs) is not None):
+                continue
+            if impl.auto == "measured" and _measured_winner(op, name, impl, impls["torch"], args, kwargs) != name:
+                continue
+            return name, impl.fn
         return "torch", impls["torch"].fn
     if choice != "torch":
         ok, why = backend_status(choice)
@@ -209,6 +223,72 @@ def resolve(op: str, *args, backend: Optional[str] = None, **kwargs) -> tuple[st
                 raise BackendUnavailableError(f"backend {choice!r} cannot run {op}: {reason}")
             return choice, impl.fn
     return "torch", impls["torch"].fn
+
+
+# ---- measured choice ------------------------------------------------------------------------
+_MEASURED: dict[tuple, str] = {}
+_MEASURE_LOCK = threading.Lock()
+
+
+def _bucket(n: int) -> int:
+    """Shape classes: the next power of two (a 3000-row and a 4000-row call share one)."""
+    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+def shape_class(args: tuple) -> tuple:
+    """The key a measurement is cached under: per tensor argument its device, dtype and the
+    power-of-two classes of its rows (all leading dimensions) and its last dimension."""
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            last = a.shape[-1] if a.dim() else 1
+            device = a.device.type if a.device.type != "cuda" else f"cuda:{torch.cuda.get_device_name(a.device)}"
+            out.append((device, str(a.dtype).replace("torch.", ""), _bucket(a.numel() // max(last, 1)), _bucket(last)))
+        else:
+            out.append(None)
+    return tuple(out)
+
+
+def _default_timer(fn: Callable, args: tuple, kwargs: dict) -> float:
+    """Best of three runs after a warm-up (which includes a Triton compile), in seconds."""
+    cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    fn(*args, **kwargs)
+    sync()
+    best = math.inf
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn(*args, **kwargs)
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+_timer: Callable[[Callable, tuple, dict], float] = _default_timer
+
+
+def set_timer(timer: Optional[Callable[[Callable, tuple, dict], float]]) -> None:
+    """Replace how measured choices time an implementation (``timer(fn, args, kwargs) ->
+    seconds``); ``None`` restores the default. Clears the cached choices."""
+    global _timer
+    _timer = _default_timer if timer is None else timer
+    _MEASURED.clear()
+
+
+def measured_choices() -> dict[tuple, str]:
+    """The cached measured choices of this process: ``{(op, backend, shape class): winner}``."""
+    return dict(_MEASURED)
+
+
+def _measured_winner(op: str, name: str, impl: _Impl, torch_impl: _Impl, args: tuple, kwargs: dict) -> str:
+    key = (op, name, shape_class(args))
+    with _MEASURE_LOCK:
+        winner = _MEASURED.get(key)
+        if winner is None:
+            with torch.no_grad():
+                fast, base = _timer(impl.fn, args, kwargs), _timer(torch_impl.fn, args, kwargs)
+            winner = _MEASURED[key] = name if fast < base else "torch"
+    return winner
 
 
 def _interpreted(backend: str, args: tuple) -> bool:

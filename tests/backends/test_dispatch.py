@@ -279,3 +279,68 @@ def test_use_backend_reaches_cuda_backward_worker_threads(monkeypatch):
         y = F.linear_epsilon(x, w)
         y.backward(torch.ones_like(y))
     assert calls == [1]
+
+
+# ---- measured choice (auto="measured") --------------------------------------------------------------
+
+@pytest.fixture
+def timings(monkeypatch):
+    """An injected timer: ``timings[backend] = seconds``; records every timed call. The Triton
+    interpreter is made eligible for auto so the real kernels can stand in for a GPU's."""
+    table = {"torch": 1.0, "triton": 1.0}
+    timed = []
+
+    def timer(fn, args, kwargs):
+        backend = "torch" if fn is dispatch._REGISTRY[table["op"]]["torch"].fn else "triton"
+        timed.append((backend, args[0].shape))
+        return table[backend]
+    monkeypatch.setattr(dispatch, "_interpreted", lambda backend, args: False)
+    dispatch.set_timer(timer)
+    table["timed"] = timed
+    yield table
+    dispatch.set_timer(None)
+
+
+@pytest.mark.usefixtures("registry_restored")
+def test_measured_backend_is_chosen_by_injected_timings_and_cached(timings):
+    calls = []
+    torch_fn = dispatch._REGISTRY["identity_backward"]["torch"].fn
+    dispatch.register_probe("triton", lambda: (True, "fake"))
+    dispatch.register("identity_backward", "triton", lambda *a, **k: calls.append(1) or torch_fn(*a, **k),
+                      auto="measured")
+    timings["op"] = "identity_backward"
+    small, large = torch.randn(3, 4), torch.randn(300, 4)
+    timings.update(torch=2.0, triton=1.0)
+    assert dispatch.chosen_backend("identity_backward", small, small, small, 1e-6, True) == "triton"
+    assert [b for b, _ in timings["timed"]] == ["triton", "torch"]  # measured once ...
+    assert dispatch.chosen_backend("identity_backward", small, small, small, 1e-6, True) == "triton"
+    assert len(timings["timed"]) == 2  # ... and cached for the shape class
+    timings.update(torch=1.0, triton=2.0)  # another shape class: measured anew, torch wins
+    assert dispatch.chosen_backend("identity_backward", large, large, large, 1e-6, True) == "torch"
+    assert len(timings["timed"]) == 4
+    assert sorted(dispatch.measured_choices().values()) == ["torch", "triton"]
+    # forcing still forces, whatever was measured
+    assert dispatch.chosen_backend("identity_backward", large, large, large, 1e-6, True, backend="triton") == "triton"
+    with pytest.raises(ValueError, match="auto must be"):
+        dispatch.register("identity_backward", "triton", torch_fn, auto="sometimes")
+
+
+@pytest.mark.parametrize("faster", ["triton", "torch"])
+def test_measured_epsilon_linear_choice_never_changes_the_result(timings, faster):
+    """The real fused kernel (interpreted here) and the rescale + GEMM path are one rule: which
+    one the timings pick, the result agrees with the other within the float32 tolerance (1e-5
+    relative), and with the float64 evaluation of the rule."""
+    timings["op"] = "linear_epsilon_backward"
+    timings.update(torch=1.0 if faster == "torch" else 2.0, triton=1.0 if faster == "triton" else 2.0)
+    g = torch.Generator().manual_seed(11)
+    x, w, b = torch.randn(37, 29, generator=g), torch.randn(19, 29, generator=g), torch.randn(19, generator=g)
+    gz = torch.randn(37, 19, generator=g)
+    z = torch.nn.functional.linear(x, w, b)
+    args = (gz, x, w, b, z, 1e-6, True)
+    assert dispatch.chosen_backend("linear_epsilon_backward", *args) == faster
+    auto = dispatch.call("linear_epsilon_backward", *args)
+    other = dispatch.call("linear_epsilon_backward", *args, backend="torch" if faster == "triton" else "triton")
+    ref = dispatch.call("linear_epsilon_backward", *(a.double() if isinstance(a, torch.Tensor) else a for a in args),
+                        backend="torch")
+    assert ((auto - other).norm() / other.norm()).item() < 1e-5
+    assert ((auto.double() - ref).norm() / ref.norm()).item() < 1e-5

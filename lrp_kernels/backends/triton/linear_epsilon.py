@@ -225,8 +225,9 @@ def supports(grad_z, x, weight, bias, z, epsilon, relevance) -> Optional[str]:
     return _backend.linear_reason(grad_z, x, weight, bias, z)
 
 
-# Not chosen by auto: measured on an H200 at 2.8-3.2x a plain bf16 GEMM of the same shape
-# (benchmarks/RESULTS.md), while the torch path is one element-wise rescale + the platform GEMM.
-# Forcing backend="triton" still runs it.
+# Two implementations of one rule: this fused kernel and the torch path (one element-wise
+# rescale + the platform GEMM). Which is faster depends on the GPU and the shape (an H200 once
+# measured this kernel at 2.8-3.2x a plain bf16 GEMM, benchmarks/RESULTS.md), so auto times both
+# once per process and shape class and keeps the faster; backend="triton" still forces it.
 dispatch.register("linear_epsilon_backward", "triton", linear_epsilon_backward_triton, supports=supports,
-                  auto=False)
+                  auto="measured")
