@@ -92,6 +92,8 @@ def bench_linear(quick: bool, views) -> list[dict]:
             err = rel_err(fused(g, x, w, b, z, 1e-6, relevance), fallback(g, x, w, b, z, 1e-6, relevance))
             from lrp_kernels.backends.triton.linear_epsilon import _eps_gemm_tuned
             config = str(getattr(_eps_gemm_tuned, "best_config", ""))
+            from lrp_kernels.backends import dispatch  # what auto serves here (measured once per shape class)
+            auto_choice = dispatch.chosen_backend("linear_epsilon_backward", g, x, w, b, z, 1e-6, relevance)
             flops = 2 * s * n_out * k_in
             nbytes = 2 * (2 * s * n_out + n_out * k_in + (2 if relevance else 1) * s * k_in)
             rows.append({
@@ -102,7 +104,7 @@ def bench_linear(quick: bool, views) -> list[dict]:
                 "gbps_fused": nbytes / t_fused / 1e6,
                 "fused_over_gemm": t_fused / t_gemm, "speedup_vs_torch": t_torch / t_fused,
                 "goal_met": t_fused / t_gemm <= 1.15 and t_torch / t_fused >= 1.5, "rel_err_vs_torch": err,
-                "autotuned_config": config,
+                "autotuned_config": config, "auto_choice": auto_choice,
             })
             del x, w, b, z, g
     return rows

@@ -33,7 +33,7 @@ cat "$LOGS"/*.log | grep '^{' > "$LOGS/results.jsonl" || true
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
 rows = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines() if l.strip()]
-keys = ["bench", "seq", "impl", "mode", "shape", "view", "fwd_bwd_s", "total_s", "peak_bytes", "time_ratio_to_sdpa",
+keys = ["bench", "seq", "impl", "mode", "shape", "view", "auto_choice", "fwd_bwd_s", "total_s", "peak_bytes", "time_ratio_to_sdpa",
         "time_ratio", "memory_ratio", "platform_vs_flash_rel_dev"]
 cols = [k for k in keys if any(k in r for r in rows)]
 lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
