@@ -142,9 +142,10 @@ class ColorMap:
 
 
 class LazyColorMapCache(MutableMapping):
-    """A dict of colour-map sources by name whose values are :class:`ColorMap` s, each compiled on
-    first access and kept. Assigning a new source to a compiled name recompiles that same
-    :class:`ColorMap` object, so references held elsewhere follow."""
+    """A dict of colour-map sources by name that hands out :class:`ColorMap` objects, each
+    compiled on first access and kept. Assigning a new source to a compiled name recompiles that
+    same object, so references held elsewhere follow; a source that does not compile raises
+    ``RuntimeError`` and changes nothing."""
 
     def __init__(self, sources: Dict[str, str]):
         self._sources = sources
