@@ -3,6 +3,8 @@
 // (lrp_kernels/ops/norm.py), the checks here only guard memory safety.
 #include <torch/extension.h>
 
+#include "cpu_common.h"
+#include "epsilon.h"
 #include "norm.h"
 
 namespace lrp {
@@ -98,6 +100,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(grad_y, x, weight|None, bias|None, mean, rstd, epsilon, relevance) -> grad_x",
         py::arg("grad_y"), py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("mean"),
         py::arg("rstd"), py::arg("epsilon"), py::arg("relevance"));
+  m.def("epsilon_factor", [](const at::Tensor& z, double eps) {
+          TORCH_CHECK(z.device().is_cpu() && at::isFloatingType(z.scalar_type()), "z must be a floating CPU tensor");
+          TORCH_CHECK(eps > 0, "eps must be > 0");
+          return lrp::cpu::epsilon_factor(z, eps);
+        }, "gradient view: q = eps / (|z| + eps) in z's dtype", py::arg("z"), py::arg("eps"));
+  m.def("epsilon_output_backward", [](const at::Tensor& grad_y, const at::Tensor& q, double share) {
+          TORCH_CHECK(grad_y.device().is_cpu() && q.device().is_cpu(), "grad_y and q must be CPU tensors");
+          TORCH_CHECK(grad_y.sizes() == q.sizes(), "grad_y and q must have one shape");
+          TORCH_CHECK(at::isFloatingType(grad_y.scalar_type()) && at::isFloatingType(q.scalar_type()),
+                      "grad_y and q must be floating-point");
+          return lrp::cpu::epsilon_output_backward(grad_y, q, share);
+        }, "gradient view: G_y * (1 - q) / share in G_y's dtype", py::arg("grad_y"), py::arg("q"), py::arg("share"));
   m.def("set_huge_page_advice", &lrp::cpu::set_huge_page_advice,
         "advise transparent huge pages for large CPU outputs (on) or not (off)", py::arg("on"));
   m.def("huge_page_advice", &lrp::cpu::huge_page_advice, "whether large CPU outputs get the huge-page advice");

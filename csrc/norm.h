@@ -33,9 +33,6 @@ at::Tensor layer_norm_backward(const at::Tensor& grad_y, const at::Tensor& x, co
                                double epsilon, bool relevance);
 
 namespace cpu {
-// Whether large CPU outputs are advised to use transparent huge pages (see empty_output).
-void set_huge_page_advice(bool on);
-bool huge_page_advice();
 std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& x, const OptTensor& weight, double eps);
 at::Tensor rms_norm_backward(const at::Tensor& grad_y, const OptTensor& weight, const at::Tensor& rstd);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward(const at::Tensor& x, const OptTensor& weight,

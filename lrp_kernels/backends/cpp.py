@@ -55,9 +55,9 @@ ENV_DISABLE = "LRP_KERNELS_NO_CPP"
 ENV_HUGE_PAGES = "LRP_KERNELS_HUGE_PAGES"  # auto (default) | on | off
 ENV_CACHE = "LRP_KERNELS_CACHE_DIR"
 STALE_LOCK_SECONDS = 600.0  # a cold build takes ~30-60 s; ten minutes means it died
-CPU_SOURCES = ("bindings.cpp", "norm_cpu.cpp")
+CPU_SOURCES = ("bindings.cpp", "norm_cpu.cpp", "epsilon_cpu.cpp")
 CUDA_SOURCES = ("norm_cuda.cu",)
-HEADERS = ("norm.h", "norm_cuda_kernels.cuh")
+HEADERS = ("norm.h", "norm_cuda_kernels.cuh", "cpu_common.h", "epsilon.h")
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _READY_MARKER = "build-info.json"  # written after a successful build; the .so is complete
 _TORCH_LOCK = "lock"  # torch.utils.file_baton.FileBaton's file in the build directory
@@ -471,8 +471,38 @@ def layer_norm_backward_cpp(grad_y, x, weight, bias, mean, rstd, epsilon, releva
                                                 bool(relevance))
 
 
+def epsilon_factor_gradient_cpp(z: torch.Tensor, epsilon: float, dtype: torch.dtype) -> torch.Tensor:
+    return load_extension().epsilon_factor(z, float(epsilon))
+
+
+def _supports_epsilon_factor(z, epsilon, dtype) -> Optional[str]:
+    if isinstance(z, torch.Tensor) and z.device.type != "cpu":
+        return "CPU only (on CUDA the element-wise torch ops are already one kernel each)"
+    if isinstance(z, torch.Tensor) and dtype != z.dtype:
+        return f"keeps z's dtype ({z.dtype}), {dtype} was asked for"
+    return _supports_tensor(z)
+
+
+def epsilon_output_backward_cpp(grad_y: torch.Tensor, factor: torch.Tensor, share: float = 1.0) -> torch.Tensor:
+    return load_extension().epsilon_output_backward(grad_y, factor, float(share))
+
+
+def _supports_epsilon_output(grad_y, factor, share=1.0) -> Optional[str]:
+    for t in (grad_y, factor):
+        if isinstance(t, torch.Tensor) and t.device.type != "cpu":
+            return "CPU only"
+    if isinstance(grad_y, torch.Tensor) and isinstance(factor, torch.Tensor):
+        if grad_y.shape != factor.shape:
+            return "the factor must have the gradient's shape"
+        if factor.dtype == torch.float64 and grad_y.dtype != torch.float64:
+            return "a float64 factor needs float64 arithmetic (the torch path)"
+    return _supports_tensor(grad_y) or _supports_tensor(factor)
+
+
 dispatch.register_probe("cpp", probe)
 dispatch.register("rms_norm_forward", "cpp", rms_norm_forward_cpp, _supports_arg(0))
 dispatch.register("rms_norm_backward", "cpp", rms_norm_backward_cpp, _supports_arg(0))
 dispatch.register("layer_norm_forward", "cpp", layer_norm_forward_cpp, _supports_arg(0))
 dispatch.register("layer_norm_backward", "cpp", layer_norm_backward_cpp, _supports_arg(1))
+dispatch.register("epsilon_factor_gradient", "cpp", epsilon_factor_gradient_cpp, _supports_epsilon_factor)
+dispatch.register("epsilon_output_backward", "cpp", epsilon_output_backward_cpp, _supports_epsilon_output)

@@ -36,13 +36,14 @@ from ._common import (DEFAULT_EPSILON, check_epsilon, check_float, check_same_de
 
 
 def epsilon_factor(z: torch.Tensor, epsilon: float, relevance: bool,
-                   dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                   dtype: Optional[torch.dtype] = None, *, backend: Optional[str] = None) -> torch.Tensor:
     """All the epsilon rule needs of an output ``z``, computed once.
 
     Relevance view ``1 / stab(z)`` (float32 or higher). Gradient view ``q = eps / (|z| + eps)``,
     i.e. ``z / stab(z) = 1 - q``, kept in ``dtype`` (default: ``z``'s): as compact as ``z`` and
-    precise where it matters (``q`` is tiny wherever ``z / stab(z)`` is close to 1). With
-    ``epsilon = 0`` the rule's factor is exactly 0 where ``z == 0`` (no NaN).
+    precise where it matters (``q`` is tiny wherever ``z / stab(z)`` is close to 1); the kernel
+    op ``epsilon_factor_gradient`` (one pass in C++ on CPU). With ``epsilon = 0`` the rule's
+    factor is exactly 0 where ``z == 0`` (no NaN).
     """
     cd = compute_dtype(z)
     if relevance:
@@ -51,8 +52,17 @@ def epsilon_factor(z: torch.Tensor, epsilon: float, relevance: bool,
         return torch.where(den == 0, torch.zeros((), dtype=cd, device=z.device), inv) if epsilon == 0 else inv
     if epsilon == 0:
         return (z == 0).to(dtype or z.dtype)
+    return dispatch.call("epsilon_factor_gradient", z, float(epsilon), dtype or z.dtype, backend=backend)
+
+
+def epsilon_factor_gradient_torch(z: torch.Tensor, epsilon: float, dtype: torch.dtype) -> torch.Tensor:
+    """``q = eps / (|z| + eps)`` in ``dtype``, computed in float32 or higher (``epsilon > 0``)."""
+    cd = compute_dtype(z)
     a = z.abs() if z.dtype == cd else z.to(cd).abs_()
-    return torch.reciprocal(a.div_(epsilon).add_(1.0)).to(dtype or z.dtype)  # eps / (|z| + eps)
+    return torch.reciprocal(a.div_(epsilon).add_(1.0)).to(dtype)
+
+
+dispatch.register("epsilon_factor_gradient", "torch", epsilon_factor_gradient_torch)
 
 
 def apply_epsilon_factor(grad: torch.Tensor, factor: torch.Tensor, relevance: bool,
@@ -223,7 +233,7 @@ def rescale_output_gradient(y: torch.Tensor, epsilon: float, *, backend: Optiona
     any of them can change it.
     """
     if y.requires_grad:
-        factor = epsilon_factor(y.detach(), epsilon, relevance=False)
+        factor = epsilon_factor(y.detach(), epsilon, relevance=False, backend=backend)
         y.register_hook(lambda g: dispatch.call("epsilon_output_backward", g, factor, share, backend=backend))
     return y
 
