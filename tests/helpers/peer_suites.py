@@ -74,6 +74,9 @@ def run_peer_suite(source: Path, peer: str, ours: str, *, python: Optional[Path]
         paths = [str(tmp), str(REPO_ROOT)] + [str(source / t) for t in tests]
         env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
         env.setdefault("TRITON_INTERPRET", "1")
+        # the peers' tests use tiny tensors: with one thread each op is 50-100x faster on a
+        # busy machine than with threads contending for the cores (measured on Zennit's suite)
+        env.setdefault("OMP_NUM_THREADS", "1")
         cmd = [str(python), "-m", "pytest", "-q", "-p", f"_shim_{peer}", "-p", "no:cacheprovider",
                f"--junitxml={report}", "--rootdir", str(source), "-o", "addopts=", *extra_args,
                *[str(source / t) for t in tests]]
