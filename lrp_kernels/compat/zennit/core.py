@@ -352,7 +352,8 @@ class BasicHook(Hook):
     used by the default gradient mapper ``g^k = R_out / stab(y^k)`` (Zennit 0.5.1 accepts the
     argument but always uses ``1e-6``; the default here is the same). ``fused``, when given, is
     ``(hook, module, grad_output) -> relevance or None`` and is tried before the generic path
-    (not for gradients with ``create_graph``); it is how the built-in rules use our kernels.
+    (not when the backward builds a graph, ``create_graph=True``); it is how the built-in rules
+    use our kernels.
 
     One instance belongs to one module; composites register :meth:`copy` s, which share the
     modifiers, mapper and reducer (not new ones), as in Zennit.
@@ -384,7 +385,8 @@ class BasicHook(Hook):
     def backward(self, module: nn.Module, grad_input: tuple, grad_output: tuple) -> tuple:
         """The rule's input relevance, in the places of ``grad_input`` with the input's shape."""
         relevance = None
-        if self.fused is not None and not grad_output[0].requires_grad:
+        # the fused ops give no graph: only when the backward itself builds none (create_graph=False)
+        if self.fused is not None and not (torch.is_grad_enabled() and grad_output[0].requires_grad):
             relevance = self.fused(self, module, grad_output[0])
         if relevance is None:
             relevance = self._generic(module, grad_output[0])
