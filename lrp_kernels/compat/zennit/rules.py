@@ -28,7 +28,8 @@ from torch import nn
 
 from ...ops.linear_epsilon import linear_epsilon_backward
 from ...ops.linear_gamma import linear_gamma_backward
-from .core import BasicHook, Hook, Names, ParamMod, Stabilizer, _name_list, expand
+from .core import BasicHook, Hook, Names, ParamMod, _name_list, expand
+from .core import Stabilizer  # noqa: F401  (zennit.rules exposes it too)
 
 __all__ = ["zero_bias", "ClampMod", "GammaMod", "NoMod", "Epsilon", "Gamma", "ZPlus", "AlphaBeta", "ZBox", "Pass",
            "Norm", "WSquare", "Flat", "ReLUDeconvNet", "ReLUGuidedBackprop", "ReLUBetaSmooth"]
