@@ -7,16 +7,7 @@ Submodules as in Zennit: :mod:`.core` (stabilisers, ParamMod, Hook, BasicHook, C
 (tests/compat/test_zennit_suite.py); docs/compat-zennit.md maps every name to ours and lists where
 our main API differs and why.
 """
-from importlib import import_module
-from importlib.util import find_spec
-
-from . import canonizers, composites, core, layer, rules, types
+from . import attribution, canonizers, cmap, composites, core, image, layer, rules, types
 
 __all__ = ["attribution", "canonizers", "cmap", "composites", "core", "image", "layer", "rules", "torchvision",
            "types"]
-
-# attribution, image and cmap are separate parts of this package; import those present
-for _name in ("attribution", "image", "cmap"):
-    if find_spec(f"{__name__}.{_name}") is not None:
-        globals()[_name] = import_module(f"{__name__}.{_name}")
-del _name
