@@ -38,7 +38,10 @@ class LayerMapComposite(Composite):
         super().__init__(module_map=self.mapping, canonizers=canonizers)
 
     def mapping(self, ctx: dict, name: str, module: nn.Module) -> Optional[Hook]:
-        return next((hook for types, hook in self.layer_map if isinstance(module, types)), None)
+        for types, hook in self.layer_map:  # the first matching entry decides
+            if isinstance(module, types):
+                return hook
+        return None
 
 
 class SpecialFirstLayerMapComposite(LayerMapComposite):
@@ -68,7 +71,10 @@ class NameMapComposite(Composite):
         super().__init__(module_map=self.mapping, canonizers=canonizers)
 
     def mapping(self, ctx: dict, name: str, module: nn.Module) -> Optional[Hook]:
-        return next((hook for names, hook in self.name_map if name in names), None)
+        for names, hook in self.name_map:  # the first entry naming the module decides
+            if name in names:
+                return hook
+        return None
 
 
 class MixedComposite(Composite):
@@ -82,11 +88,13 @@ class MixedComposite(Composite):
                          canonizers=own + [c for composite in composites for c in composite.canonizers])
 
     def mapping(self, ctx: dict, name: str, module: nn.Module) -> Optional[Hook]:
-        if not ctx:
-            ctx.update({composite: {} for composite in self.composites})
-        # every composite sees every module (its ctx may count them), the first hook wins
-        hooks = [composite.module_map(ctx[composite], name, module) for composite in self.composites]
-        return next((hook for hook in hooks if hook is not None), None)
+        # every composite sees every module (its own ctx may count them), the first hook wins
+        chosen = None
+        for composite in self.composites:
+            hook = composite.module_map(ctx.setdefault(composite, {}), name, module)
+            if chosen is None:
+                chosen = hook
+        return chosen
 
 
 class NameLayerMapComposite(MixedComposite):
