@@ -85,10 +85,16 @@ def epsilon_scale(grad_y: torch.Tensor, y: torch.Tensor, epsilon: float, relevan
 
 
 def linear_epsilon_backward_factored(grad_z: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                                     factor: torch.Tensor, relevance: bool) -> torch.Tensor:
-    """The rescale + platform GEMM form: ``(grad_z * factor) @ W`` (times ``x``, relevance view)."""
+                                     factor: torch.Tensor, relevance: bool, *,
+                                     scale_backend: Optional[str] = None) -> torch.Tensor:
+    """The rescale + platform GEMM form: ``(grad_z * factor) @ W`` (times ``x``, relevance view).
+    ``scale_backend``: the backend of the rescale (op ``epsilon_output_backward``, gradient view)."""
     cd = compute_dtype(grad_z, x, weight)
-    out = apply_epsilon_factor(grad_z, factor, relevance).to(cd) @ weight.to(cd)
+    if not relevance and grad_z.dtype == cd:  # the dispatched one-pass rescale (C++ on CPU)
+        scaled = dispatch.call("epsilon_output_backward", grad_z, factor, 1.0, backend=scale_backend)
+    else:
+        scaled = apply_epsilon_factor(grad_z, factor, relevance)
+    out = scaled.to(cd) @ weight.to(cd)
     if relevance:
         out = out * x.to(cd)
     return out.to(x.dtype)
@@ -176,7 +182,7 @@ class LinearEpsilonFn(torch.autograd.Function):
             if ctx.factored:
                 factor = epsilon_factor(saved, ctx.epsilon, ctx.relevance) if ctx.saved_output else saved
                 grad_x = dispatch.call("linear_epsilon_backward_factored", grad_z, x, weight, factor, ctx.relevance,
-                                       backend=ctx.backend)
+                                       backend=ctx.backend, scale_backend=ctx.backend)
             else:
                 grad_x = dispatch.call("linear_epsilon_backward", grad_z, x, weight, bias, saved,
                                        ctx.epsilon, ctx.relevance, backend=ctx.backend)

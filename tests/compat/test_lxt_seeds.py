@@ -23,7 +23,6 @@ OpenCLIP issue).
 """
 from __future__ import annotations
 
-import copy
 import functools
 import operator
 import os

@@ -9,8 +9,7 @@ random inputs; the suite runs with torch seeded to 0 before every test, so outco
 """
 import pytest
 
-from helpers.environments import peer_source
-from helpers.peer_suites import run_peer_suite, summary
+from helpers.peer_suites import judge_run, summary
 
 DIFFERENCES = {
     "tests.test_functional::test_softmax":
@@ -27,11 +26,7 @@ DIFFERENCES = {
 
 @pytest.fixture(scope="module")
 def outcomes():
-    try:
-        source = peer_source("lxt", "2.1")
-    except RuntimeError as err:  # no registry: nothing to judge with
-        pytest.skip(f"the lxt==2.1 sdist is not available: {err}")
-    return run_peer_suite(source, "lxt", "lrp_kernels.compat.lxt", seed=0, timeout=1200)
+    return judge_run("lxt", "2.1", "lrp_kernels.compat.lxt", seed=0, timeout=1200)[1]
 
 
 def test_lxt_suite_passes_except_documented_differences(outcomes):

@@ -17,33 +17,17 @@ machinery (tests/compat/test_zennit_suite.py), the judge runs Zennit's two unmar
 when run once by hand (60,842 of 60,842). ``test_image.py`` and ``test_cmap.py`` (335 tests)
 take seconds.
 """
-import os
 import re
 
-import pytest
-
-from helpers.environments import peer_source, vision_python
-from helpers.peer_suites import run_peer_suite, summary
+from helpers.peer_suites import judge_run, summary
 
 ATTRIBUTION_IMAGE_CMAP_DIFFERENCES = {}
 
 
 def _run(files):
     """``(sdist folder, {node id: outcome})`` of Zennit's ``tests/<files>``."""
-    try:
-        source = peer_source("zennit", "0.5.1")
-    except RuntimeError as err:  # no registry: nothing to judge with
-        pytest.skip(f"the zennit==0.5.1 sdist is not available: {err}")
-    try:
-        python = vision_python()
-    except RuntimeError as err:
-        if os.environ.get("LRP_KERNELS_NO_VISION_ENV"):
-            pytest.skip(f"Zennit's conftest needs torchvision: {err}")
-        raise
-    outcomes = run_peer_suite(source, "zennit", "lrp_kernels.compat.zennit", python=python,
-                              tests=tuple(f"tests/{f}" for f in files), extra_args=("-m", "not extended"),
-                              timeout=3600)
-    return source, outcomes
+    return judge_run("zennit", "0.5.1", "lrp_kernels.compat.zennit", vision=True,
+                     tests=tuple(f"tests/{f}" for f in files), extra_args=("-m", "not extended"), timeout=3600)
 
 
 def _judge(source, outcomes, files):

@@ -18,14 +18,12 @@ cmap are judged in test_zennit_attribution_suite.py.
 from __future__ import annotations
 
 import fnmatch
-import os
 import re
 from typing import Dict
 
 import pytest
 
-from helpers.environments import peer_source, vision_python
-from helpers.peer_suites import run_peer_suite, summary
+from helpers.peer_suites import judge_run, summary
 
 #: Zennit test node id (or fnmatch pattern) -> why our compat layer deliberately differs. None:
 #: every difference of the compat layer (docs/compat-zennit.md) is outside what the tests reach.
@@ -44,19 +42,9 @@ FILES: Dict[str, Dict[str, str]] = {
 @pytest.fixture(scope="module")
 def suite():
     """``(sdist folder, {node id: outcome})`` of Zennit's test files in :data:`FILES`."""
-    try:
-        source = peer_source("zennit", "0.5.1")
-    except RuntimeError as err:  # no registry: nothing to judge with
-        pytest.skip(f"the zennit==0.5.1 sdist is not available: {err}")
-    try:
-        python = vision_python()
-    except RuntimeError as err:
-        if os.environ.get("LRP_KERNELS_NO_VISION_ENV"):
-            pytest.skip(f"Zennit's conftest needs torchvision: {err}")
-        raise
-    outcomes = run_peer_suite(source, "zennit", "lrp_kernels.compat.zennit", python=python,
-                              tests=tuple(f"tests/{f}" for f in FILES), extra_args=("-m", "not extended"),
-                              timeout=1800)
+    source, outcomes = judge_run("zennit", "0.5.1", "lrp_kernels.compat.zennit", vision=True,
+                                 tests=tuple(f"tests/{f}" for f in FILES), extra_args=("-m", "not extended"),
+                                 timeout=1800)
     print(f"Zennit 0.5.1 {', '.join(FILES)} on lrp_kernels.compat.zennit: {summary(outcomes)}")
     return source, outcomes
 

@@ -87,6 +87,32 @@ def run_peer_suite(source: Path, peer: str, ours: str, *, python: Optional[Path]
         return _outcomes(report, done.stdout + done.stderr)
 
 
+def judge_run(peer: str, version: str, ours: str, *, vision: bool = False,
+              **kwargs) -> "tuple[Path, Dict[str, str]]":
+    """``(sdist folder, outcomes)`` of ``peer==version``'s suite on ``ours``, for a judge test.
+
+    Skips (with the reason) when the registry cannot be reached, or, with ``vision=True`` (the
+    suite imports torchvision: run it in :func:`helpers.environments.vision_python`'s
+    environment), when ``LRP_KERNELS_NO_VISION_ENV`` turned that environment off; a broken
+    environment otherwise fails. ``kwargs`` go to :func:`run_peer_suite`.
+    """
+    import pytest
+
+    from .environments import peer_source, vision_python
+    try:
+        source = peer_source(peer, version)
+    except RuntimeError as err:  # no registry: nothing to judge with
+        pytest.skip(f"the {peer}=={version} sdist is not available: {err}")
+    if vision:
+        try:
+            kwargs["python"] = vision_python()
+        except RuntimeError as err:
+            if os.environ.get("LRP_KERNELS_NO_VISION_ENV"):
+                pytest.skip(f"the {peer} suite needs torchvision: {err}")
+            raise
+    return source, run_peer_suite(source, peer, ours, **kwargs)
+
+
 def _outcomes(report: Path, output: str) -> Dict[str, str]:
     outcomes: Dict[str, str] = {}
     for case in ET.parse(report).getroot().iter("testcase"):
