@@ -59,7 +59,7 @@ def test_a_broken_rule_in_a_patched_model_is_named(monkeypatch):
     """A port whose linear rule loses 10 % of the relevance: the check names the first one."""
     real = dispatch._REGISTRY["linear_epsilon_backward_factored"]["torch"].fn
     monkeypatch.setitem(dispatch._REGISTRY["linear_epsilon_backward_factored"], "torch",
-                        dispatch._Impl(lambda *a: real(*a) * 0.9, None))
+                        dispatch._Impl(lambda *a, **k: real(*a, **k) * 0.9, None))
     model = tiny_llama()
     ids = torch.randint(0, 40, (1, 6), generator=torch.Generator().manual_seed(2))
     report = explain_checked(model, ids, torch.ones_like(ids))
