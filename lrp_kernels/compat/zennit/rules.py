@@ -107,11 +107,11 @@ def _linear_gamma(hook: BasicHook, module: nn.Module, grad_output: torch.Tensor,
     operands = _plain_linear(hook, module, zero_params)
     if epsilon is None or operands is None:
         return None
+    z = None
     if operands[2] is None and module.bias is not None:
-        # the op takes the sign from the rule's (bias-free) denominators; Zennit takes it from
-        # the layer's output: the generic path does that
-        return None
-    return linear_gamma_backward(grad_output, *operands, None, gamma, epsilon, True).to(grad_output.dtype)
+        # the rule zeroes the bias; the case still follows the layer's output, bias included
+        z = nn.functional.linear(operands[0], operands[1], module.bias.detach())
+    return linear_gamma_backward(grad_output, *operands, z, gamma, epsilon, True).to(grad_output.dtype)
 
 
 # ----------------------------------------------------------------------------- LRP rules
