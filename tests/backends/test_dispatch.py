@@ -293,6 +293,7 @@ def timings(monkeypatch):
     def timer(fn, args, kwargs):
         backend = "torch" if fn is dispatch._REGISTRY[table["op"]]["torch"].fn else "triton"
         timed.append((backend, args[0].shape))
+        table.setdefault("strides", []).append([a.stride() for a in args if isinstance(a, torch.Tensor)])
         return table[backend]
     monkeypatch.setattr(dispatch, "_interpreted", lambda backend, args: False)
     dispatch.set_timer(timer)
@@ -344,3 +345,20 @@ def test_measured_epsilon_linear_choice_never_changes_the_result(timings, faster
                         backend="torch")
     assert ((auto - other).norm() / other.norm()).item() < 1e-5
     assert ((auto.double() - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_measuring_from_a_forward_times_real_tensors_not_stand_ins(timings):
+    """A forward pass asks which backend its backward will use with stand-ins (one element
+    expanded); the measurement then runs on random tensors of those shapes, never on zero-stride
+    views, and serves the real call of the same shape class afterwards."""
+    from lrp_kernels.ops._common import stand_in
+    timings["op"] = "linear_epsilon_backward"
+    timings.update(torch=2.0, triton=1.0)
+    x, w = torch.randn(33, 20), torch.randn(12, 20)
+    z_like = stand_in(x, (33, 12))
+    assert dispatch.chosen_backend("linear_epsilon_backward", z_like, x, w, None, z_like, 1e-6, False) == "triton"
+    assert timings["strides"] and all(0 not in st for strides in timings["strides"] for st in strides)
+    n = len(timings["timed"])
+    gz = torch.randn(33, 12)
+    assert dispatch.chosen_backend("linear_epsilon_backward", gz, x, w, None, x @ w.T, 1e-6, False) == "triton"
+    assert len(timings["timed"]) == n  # same shape class: no second measurement
