@@ -19,7 +19,9 @@ import warnings
 from typing import Callable, Optional, Sequence
 
 # module name (in this package) per subcommand, in --help order
-SUBCOMMANDS = ("explain", "compare", "profile", "build_ext", "info")
+# (a name whose module is absent is skipped, so a subcommand can be listed before it lands)
+SUBCOMMANDS = ("explain", "explain_image", "sources", "batch", "faithfulness", "compare", "profile",
+               "build_ext", "info")
 
 
 class CLIError(Exception):
