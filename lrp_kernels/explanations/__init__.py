@@ -3,5 +3,6 @@ text heatmaps (:mod:`~lrp_kernels.explanations.heatmap`) and image heatmaps
 (:mod:`~lrp_kernels.explanations.imaging`)."""
 from . import heatmap, imaging
 from .api import Explanation, explain
+from .matrix import RelevanceMatrix, explain_matrix
 
-__all__ = ["Explanation", "explain", "heatmap", "imaging"]
+__all__ = ["Explanation", "explain", "explain_matrix", "RelevanceMatrix", "heatmap", "imaging"]

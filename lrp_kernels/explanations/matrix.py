@@ -10,11 +10,15 @@ sentences and documents and the interactive viewer read this object.
 """
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+
+from . import api as _api
+from .api import ExplainError, PromptTooLongError
 
 
 @dataclass
@@ -78,4 +82,137 @@ class RelevanceMatrix:
         return text
 
 
-__all__ = ["RelevanceMatrix"]
+def _greedy(model, prompt_ids: List[int], n: int, eos: Optional[int]) -> List[int]:
+    """``n`` tokens by greedy decoding with the model's KV cache (no gradients; stops after
+    ``eos``). Generation needs no patch: the patched forward computes the same values."""
+    dev = next(model.parameters()).device
+    # transformers 5 names the cache argument ``cache``; earlier versions ``past_key_values``
+    params = inspect.signature(model.forward).parameters
+    cache_arg = "cache" if "cache" in params else "past_key_values"
+    out: List[int] = []
+    ids = torch.tensor([prompt_ids], device=dev)
+    cache = None
+    with torch.no_grad():
+        for _ in range(n):
+            kwargs = {} if cache is None else {cache_arg: cache}
+            res = model(input_ids=ids, use_cache=True, **kwargs)
+            cache = getattr(res, "cache", None)
+            if cache is None:
+                cache = getattr(res, "past_key_values", None)
+            nxt = int(res.logits[0, -1].float().argmax())
+            out.append(nxt)
+            if eos is not None and nxt == eos:
+                break
+            # without a cache (a model that returns none) the whole sequence goes in again
+            ids = torch.tensor([[nxt]] if cache is not None else [prompt_ids + out], device=dev)
+    return out
+
+
+def _check_request(continuation, generate, memory_budget, progress) -> None:
+    if (continuation is None) == (generate is None):
+        raise ExplainError("give exactly one of continuation= (a text to explain token by "
+                           "token) or generate= (a number of tokens to generate greedily)")
+    if continuation is not None and (not isinstance(continuation, str) or not continuation):
+        raise ExplainError(f"continuation must be a non-empty string, got {continuation!r}")
+    if generate is not None and (isinstance(generate, bool) or not isinstance(generate, int)
+                                 or generate < 1):
+        raise ExplainError(f"generate must be a positive number of tokens, got {generate!r}")
+    if memory_budget is not None and (isinstance(memory_budget, bool)
+                                      or not isinstance(memory_budget, (int, float))
+                                      or not memory_budget > 0):
+        raise ExplainError(f"memory_budget must be a positive number of bytes or None, "
+                           f"got {memory_budget!r}")
+    if progress is not None and not callable(progress):
+        raise ExplainError(f"progress must be a callable progress(done, total) or None, "
+                           f"got {type(progress).__name__}")
+
+
+def explain_matrix(model, tokenizer, prompt: str, *, continuation: Optional[str] = None,
+                   generate: Optional[int] = None, rules: str = "attnlrp",
+                   epsilon: Optional[float] = None, backend: Optional[str] = None,
+                   max_length: Optional[int] = None, memory_budget: Optional[float] = None,
+                   progress: Optional[Callable[[int, int], None]] = None,
+                   strict: bool = True) -> RelevanceMatrix:
+    """The relevance of every earlier token for every token of a continuation.
+
+    Give exactly one of ``continuation`` (a text appended to ``prompt``, tokenized without
+    special tokens, as :func:`~lrp_kernels.explanations.api.explain` does) or ``generate``
+    (``n`` tokens decoded greedily with the model's KV cache; stops after the end-of-sequence
+    token). Row ``k`` of the result is the explanation of continuation token ``k``'s logit
+    given its prefix, equal to ``explain(model, tokenizer, prefix, target=token)``.
+    ``rules``, ``epsilon``, ``backend``, ``max_length`` and ``strict`` mean what they mean for
+    :func:`~lrp_kernels.explanations.api.explain`. ``memory_budget`` (bytes) bounds the
+    memory of the backward passes; ``progress(done, total)`` is called as rows are finished.
+
+    Bad arguments raise :class:`~lrp_kernels.explanations.api.ExplainError` naming the
+    argument; a sequence longer than the context raises
+    :class:`~lrp_kernels.explanations.api.PromptTooLongError`.
+    """
+    if not isinstance(prompt, str):
+        raise ExplainError("prompt must be a string (explain_matrix explains one prompt), got "
+                           f"{type(prompt).__name__}")
+    prompts = _api._check_prompts(prompt)
+    _api._check_options(rules, epsilon, max_length, strict)
+    _check_request(continuation, generate, memory_budget, progress)
+    ids, offsets = _api._encode(tokenizer, prompts)
+    _api._check_tokens(tokenizer, ids)
+    _api._warn_unknown(tokenizer, prompts + ([continuation] if continuation else []))
+    prompt_ids = ids[0]
+    limit = _api._context_limit(model, max_length)
+    if continuation is not None:
+        cont_ids = list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
+        if not cont_ids:
+            raise ExplainError("continuation is empty after tokenization")
+        n_inputs = len(prompt_ids) + len(cont_ids) - 1
+    else:
+        n_inputs = len(prompt_ids) + generate - 1
+    if limit is not None and n_inputs > limit:
+        raise PromptTooLongError(
+            f"prompt has {len(prompt_ids)} tokens; with the "
+            f"{'continuation' if continuation is not None else f'{generate} generated tokens'} "
+            f"the model reads {n_inputs}, more than the limit of {limit} (the model's context "
+            "or max_length)")
+    with _api._keep_parameters(model):
+        if continuation is None:
+            cont_ids = _greedy(model, prompt_ids, generate,
+                               getattr(tokenizer, "eos_token_id", None))
+        relevance, logits, probs = _rows(model, tokenizer, prompt_ids, cont_ids, rules=rules,
+                                         epsilon=epsilon, backend=backend, strict=strict,
+                                         memory_budget=memory_budget, progress=progress)
+    prompt_tokens = _api._display_tokens(tokenizer, prompt, prompt_ids, offsets[0])
+    appended = _api._appended_display(tokenizer, prompt_ids, cont_ids)
+    text = prompt + "".join(appended)
+    spans = None
+    if offsets[0] is not None:
+        spans, at = [tuple(o) for o in offsets[0]], len(prompt)
+        for piece in appended:
+            spans.append((at, at + len(piece)))
+            at += len(piece)
+    return RelevanceMatrix(
+        tokens=prompt_tokens + appended, token_ids=prompt_ids + cont_ids,
+        prompt_length=len(prompt_ids), relevance=relevance, target_logits=logits,
+        target_probabilities=probs, text=text, offsets=spans, rules=rules,
+        meta={"source": "continuation" if continuation is not None else "greedy generation"})
+
+
+def _rows(model, tokenizer, prompt_ids, cont_ids, *, rules, epsilon, backend, strict,
+          memory_budget, progress):
+    """``[K, N]`` relevance and the ``[K]`` target logits / probabilities, one single-target
+    explanation per row (each given its own prefix)."""
+    seq = prompt_ids + cont_ids
+    n, k_total = len(seq), len(cont_ids)
+    rel = torch.zeros(k_total, n)
+    logits, probs = torch.zeros(k_total), torch.zeros(k_total)
+    for k, tid in enumerate(cont_ids):
+        pos = len(prompt_ids) + k
+        exp = _api._explain_batch(model, tokenizer, [], [tid], continuation=None, contrast=None,
+                                  rules=rules, epsilon=epsilon, backend=backend, max_length=None,
+                                  latent=False, strict=strict, prompt_ids=[seq[:pos]])[0]
+        rel[k, :pos] = exp.relevance
+        logits[k], probs[k] = exp.target.logit, exp.target.probability
+        if progress is not None:
+            progress(k + 1, k_total)
+    return rel, logits, probs
+
+
+__all__ = ["RelevanceMatrix", "explain_matrix"]
