@@ -79,6 +79,9 @@ class PatchHandle:
         # linears whose output the next rule saves anyway: they keep it, not a factor of it
         self.outputs_saved_downstream: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
         self.unsupported: list[str] = []
+        # parameters this patch froze (they had requires_grad=True): a module whose forward
+        # values depend on that flag (torch's MultiheadAttention) can reproduce them exactly
+        self.frozen: list[nn.Parameter] = []
         self._undo: list[Callable[[], None]] = []
         self.active = False
 
@@ -110,6 +113,7 @@ class PatchHandle:
         """Undo everything, in reverse order. Safe to call twice."""
         while self._undo:
             self._undo.pop()()
+        self.frozen.clear()
         self.active = False
 
     @contextlib.contextmanager
@@ -219,6 +223,7 @@ def _freeze(handle: PatchHandle, model: nn.Module) -> None:
     for p in model.parameters():
         if p.requires_grad:
             p.requires_grad_(False)
+            handle.frozen.append(p)
             handle._undo.append(lambda p=p: p.requires_grad_(True))
 
 

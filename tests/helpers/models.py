@@ -78,11 +78,15 @@ def build(name: str):
         return _build(tr.ViTConfig, tr.ViTForImageClassification, hidden_size=32, num_hidden_layers=2,
                       num_attention_heads=4, intermediate_size=48, image_size=16, patch_size=4,
                       num_channels=3, num_labels=3), "vision"
+    if name in ("dinov2", "dinov2-swiglu"):  # layer scale; the giant model's SwiGLU feed-forward
+        return _build(tr.Dinov2Config, tr.Dinov2ForImageClassification, hidden_size=32, num_hidden_layers=2,
+                      num_attention_heads=4, mlp_ratio=2, image_size=16, patch_size=4, num_channels=3,
+                      num_labels=3, layerscale_value=0.5, use_swiglu_ffn=name == "dinov2-swiglu"), "vision"
     raise KeyError(name)
 
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemma", "gemma2", "gemma3", "phi3", "gpt2", "bert",
-            "t5", "t5-relu", "vit")
+            "t5", "t5-relu", "vit", "dinov2", "dinov2-swiglu")
 
 
 def make_inputs(model, kind: str, batch: int = 2, n: int = 6, pad: str = None, seed: int = 1):
@@ -213,7 +217,7 @@ def reference_model(model, rule: str = "attnlrp"):
             config._attn_implementation_internal = REF_NAME
             config._lrp_test_rule = rule
     gated_products = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "GemmaMLP", "Gemma2MLP", "Gemma3MLP",
-                      "Qwen3MoeMLP"}
+                      "Qwen3MoeMLP", "Dinov2SwiGLUFFN"}
     for m in ref.modules():
         cls = type(m).__name__
         if cls in gated_products:

@@ -4,9 +4,9 @@
 generic rules (:mod:`lrp_kernels.hf.installers`: linear-like, norms, activations, dropout); a
 family adds what only its code knows: the class names of gated MLPs (whose product ``act(g) * u``
 lives in the MLP's forward), the RMSNorm weight convention (Gemma's ``1 + w``), modules with
-their own rule (MoE experts and routers), modules whose parameters only enter as additive
-constants (ViT's CLS token and position embeddings), and set-up steps on the patched instance
-(Gemma's final logit soft-cap).
+their own rule (MoE experts and routers), modules whose parameters only enter as constants
+(ViT's CLS token and position embeddings, DINOv2's layer scale), and set-up steps on the patched
+instance (Gemma's final logit soft-cap).
 
 Add a family: write ``lrp_kernels/hf/families/<family>.py`` defining ``FAMILY = Family(...)`` and list it in
 ``_FAMILY_MODULES`` below.
@@ -30,13 +30,14 @@ class Family:
     rms_weight_offset: float = 0.0
     # class names that are RMSNorms without "RMSNorm" in their name (T5LayerNorm)
     rms_norm_names: tuple[str, ...] = ()
-    # class names whose own parameters enter only as additive constants (no rule needed)
+    # class names whose own parameters enter only as constants: added, multiplied or fed in as
+    # inputs (CLS tokens, position embeddings, layer scales, a pooling probe; no rule needed)
     parameter_holders: tuple[str, ...] = ()
     # called once after the generic rules: (handle, model) -> None
     setup: Optional[Callable] = None
 
 
-_FAMILY_MODULES = ("llama", "gemma", "phi3", "mixtral", "gpt2", "bert", "t5", "vit")
+_FAMILY_MODULES = ("llama", "gemma", "phi3", "mixtral", "gpt2", "bert", "t5", "vit", "clip", "siglip", "dinov2")
 
 REGISTRY: dict[str, Family] = {}
 
