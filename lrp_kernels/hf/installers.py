@@ -17,6 +17,8 @@ handle's options (``handle.epsilon``, ``handle.backend``); the dispatcher picks 
 * ``nn.LayerNorm``                     -> :func:`lrp_kernels.grad.layer_norm` (std detached)
 * element-wise activations            -> :func:`lrp_kernels.grad.identity` (identity rule)
 * gated MLPs ``down(act(gate(x)) * up(x))`` -> :func:`lrp_kernels.ops.elementwise.gated_product`
+* ``torch.nn.MultiheadAttention`` (any model containing one, e.g. SigLIP's pooling head)
+  -> :func:`lrp_kernels.ops.multihead.multihead_attention` with the patch's rules and attention path
 * dropout                             -> the identity function (no dropout while patched)
 
 Norms and activations keep the module's own forward for their values: the patched forward
@@ -191,6 +193,20 @@ def install_activation(handle, name: str, module: nn.Module) -> None:
             return grad.identity(orig, x, epsilon=handle.epsilon, backend=handle.backend)
         return forward
     handle.rebind(module, make)
+
+
+def install_multihead_attention(handle, name: str, module: nn.MultiheadAttention) -> None:
+    """AttnLRP / CP-LRP (``handle.rules``) on a ``torch.nn.MultiheadAttention``, gradient view;
+    ``attention="exact"`` takes the exact block, otherwise the platform path (SDPA)."""
+    from ..ops.multihead import multihead_attention
+    path = "exact" if handle.attention == "exact" else "platform"
+
+    def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        return multihead_attention(module, query, key, value, key_padding_mask, need_weights, attn_mask,
+                                   average_attn_weights, is_causal, rule=handle.rules, epsilon=handle.epsilon,
+                                   relevance=False, attention=path, backend=handle.backend)
+    handle.rebind(module, lambda orig: forward)
 
 
 def install_dropout(handle, name: str, module: nn.Module) -> None:

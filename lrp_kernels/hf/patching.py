@@ -18,9 +18,10 @@
 What the patch does, on this model instance only (nothing class-level, nothing global except
 registering two new attention *names* in transformers' AttentionInterface):
 
-* rebinds the ``forward`` of the modules that need a rule (linears, norms, activations, gated
-  MLPs, MoE experts/routers, dropout): :mod:`lrp_kernels.hf.installers`; models dispatched with
-  accelerate keep their device hooks (the hook's ``_old_forward`` is rebound instead);
+* rebinds the ``forward`` of the modules that need a rule (linears, norms, activations,
+  ``nn.MultiheadAttention``, gated MLPs, MoE experts/routers, dropout):
+  :mod:`lrp_kernels.hf.installers`; models dispatched with accelerate keep their device hooks
+  (the hook's ``_old_forward`` is rebound instead);
 * gives every module that holds a config a *copy* of it whose attention implementation is
   ``lrp_kernels_attnlrp`` (or ``lrp_kernels_cplrp``): the registered adapter
   (:mod:`lrp_kernels.hf.attention`) runs the platform path
@@ -168,6 +169,8 @@ def _plan(model: nn.Module, family: Optional[Family]) -> tuple[list, list[str]]:
             rule = (cls, fam.module_rules[cls])
         elif installers.is_dropout(m):
             rule = ("dropout-off", installers.install_dropout)
+        elif isinstance(m, nn.MultiheadAttention):
+            rule = ("multihead-attention", installers.install_multihead_attention)
         elif installers.is_plain_linear(m):
             rule = ("epsilon", installers.install_linear)
         elif installers.is_conv1d(m):

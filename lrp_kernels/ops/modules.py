@@ -141,3 +141,56 @@ class IdentityRuleActivation(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _ew.identity(self.fn, x, self.epsilon, relevance=self.relevance)
+
+
+class MultiheadAttentionLRP(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` with the AttnLRP rule (:class:`MultiheadAttentionCPLRP`: CP-LRP),
+    relevance view by default: :func:`lrp_kernels.ops.multihead.multihead_attention`.
+
+    Build it from a module with :meth:`from_module` (what ``Composite({nn.MultiheadAttention:
+    MultiheadAttentionLRP})`` does): the parameters and the ``out_proj`` module are shared, the
+    ``state_dict`` keys are the original's. Same forward arguments and return value.
+    """
+
+    default_rule = "attnlrp"
+
+    def __init__(self, *args, rule: Optional[str] = None, epsilon: float = DEFAULT_EPSILON,
+                 relevance: bool = True, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.rule = self.default_rule if rule is None else rule
+        self.epsilon, self.relevance = epsilon, relevance
+
+    @classmethod
+    def from_module(cls, module: nn.MultiheadAttention, rule: Optional[str] = None,
+                    epsilon: float = DEFAULT_EPSILON, relevance: bool = True) -> "MultiheadAttentionLRP":
+        """A drop-in sharing ``module``'s parameters (and its ``out_proj``)."""
+        if not isinstance(module, nn.MultiheadAttention):
+            raise TypeError(f"{cls.__name__} replaces nn.MultiheadAttention, got {type(module).__name__}")
+        new = cls(module.embed_dim, module.num_heads, dropout=module.dropout, bias=module.in_proj_bias is not None,
+                  add_bias_kv=module.bias_k is not None, add_zero_attn=module.add_zero_attn, kdim=module.kdim,
+                  vdim=module.vdim, batch_first=module.batch_first, device="meta", rule=rule, epsilon=epsilon,
+                  relevance=relevance)
+        for name, param in module.named_parameters(recurse=False):
+            setattr(new, name, param)
+        new.out_proj = module.out_proj
+        new.train(module.training)
+        return new
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = True,
+                attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False):
+        from .multihead import multihead_attention
+        return multihead_attention(self, query, key, value, key_padding_mask, need_weights, attn_mask,
+                                   average_attn_weights, is_causal, rule=self.rule, epsilon=self.epsilon,
+                                   relevance=self.relevance)
+
+    def extra_repr(self) -> str:
+        view = "relevance" if self.relevance else "gradient"
+        return f"rule={self.rule!r}, epsilon={self.epsilon}, view={view}"
+
+
+class MultiheadAttentionCPLRP(MultiheadAttentionLRP):
+    """:class:`MultiheadAttentionLRP` with CP-LRP (the attention weights are constants)."""
+
+    default_rule = "cp-lrp"

@@ -1,0 +1,431 @@
+"""AttnLRP / CP-LRP on torch.nn.MultiheadAttention (lrp_kernels.ops.multihead) through every front
+end — the Composite's drop-in (module and fx paths), the Zennit-style rule, the patch — against
+the float64 oracle of the rules (tests/helpers/oracle.py) composed by hand: epsilon rule on the
+in- and out-projections, the attention block of the oracle in between.
+
+Tolerances: float64 1e-9 relative (the oracle and the rule compute the same formulas in a
+different order); float32 forward 2e-6 against the module's own forward.
+"""
+from __future__ import annotations
+
+import math
+import operator
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import lrp_kernels
+from helpers import oracle as O
+from lrp_kernels.hooks import Gamma, LayerMapComposite, MultiheadAttentionRule
+from lrp_kernels.modules import MultiheadAttentionCPLRP, MultiheadAttentionLRP
+from lrp_kernels.ops.multihead import multihead_attention
+
+EPS = 1e-6
+F64 = dict(rtol=1e-9, atol=1e-12)
+
+
+# ---- cases ----------------------------------------------------------------------------------
+
+CASES = {
+    # name: (module kwargs, self-attention?, mask kinds)
+    "self": (dict(), True, ()),
+    "self-batch-first-causal": (dict(batch_first=True), True, ("causal",)),
+    "cross-kdim-vdim-padding": (dict(kdim=5, vdim=3, batch_first=True), False, ("kpm",)),
+    "cross-bool-mask-3d": (dict(), False, ("bool3d", "kpm")),
+    "bias-kv-zero-attn": (dict(add_bias_kv=True, add_zero_attn=True), True, ("bool2d",)),
+    "no-bias-float-padding": (dict(bias=False), False, ("kpm_float",)),
+}
+SIZES = dict(E=6, H=3, B=2, L=3, S=5)
+
+
+def build(case: str, dtype=torch.float64, seed: int = 0):
+    kwargs, self_attn, masks = CASES[case]
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    m = nn.MultiheadAttention(SIZES["E"], SIZES["H"], **kwargs).to(dtype).eval()
+    with torch.no_grad():  # non-zero biases everywhere (the bias terms of the rules matter)
+        for name, p in m.named_parameters():
+            if "bias" in name:
+                p.normal_(0, 0.3, generator=gen)
+    B, L, S, E = SIZES["B"], SIZES["L"], SIZES["S"], SIZES["E"]
+    S = L if self_attn else S
+    q = torch.randn(B, L, E, dtype=dtype, generator=gen)
+    if self_attn:
+        k = v = q
+    else:
+        k = torch.randn(B, S, kwargs.get("kdim") or E, dtype=dtype, generator=gen)
+        v = torch.randn(B, S, kwargs.get("vdim") or E, dtype=dtype, generator=gen)
+    call = {}
+    if "causal" in masks:
+        call.update(attn_mask=torch.ones(L, S, dtype=torch.bool).triu_(1), is_causal=True)
+    if "bool2d" in masks:
+        am = torch.rand(L, S, generator=gen) < 0.4
+        am[:, 0] = False  # every row keeps a key
+        call["attn_mask"] = am
+    if "bool3d" in masks:
+        am = torch.rand(B * SIZES["H"], L, S, generator=gen) < 0.4
+        am[..., 1] = False
+        call["attn_mask"] = am
+    if "kpm" in masks:
+        kpm = torch.zeros(B, S, dtype=torch.bool)
+        kpm[1, -2:] = True
+        call["key_padding_mask"] = kpm
+    if "kpm_float" in masks:
+        kpm = torch.zeros(B, S, dtype=dtype)
+        kpm[0, -1] = -math.inf
+        call["key_padding_mask"] = kpm
+    if not m.batch_first:  # the module's own layout
+        q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+        if self_attn:
+            k = v = q
+    return m, q, k, v, call
+
+
+# ---- the oracle: the rules composed in float64 ---------------------------------------------------
+
+def _allowed_and_bias(m, call, B, L, S):
+    """[B, H, L, S'] allowed (bool) and finite bias (0 at masked keys) of the module's masks,
+    S' with the keys bias_k / zero attention append."""
+    H = m.num_heads
+    allowed = torch.ones(B, H, L, S, dtype=torch.bool)
+    bias = torch.zeros(B, H, L, S, dtype=torch.float64)
+    am = call.get("attn_mask")
+    if am is not None:
+        am = am.view(B, H, L, S) if am.dim() == 3 else am.expand(B, H, L, S)
+        if am.dtype == torch.bool:
+            allowed &= ~am
+        else:
+            allowed &= ~torch.isneginf(am)
+            bias += torch.where(torch.isneginf(am), 0.0, am.double())
+    kpm = call.get("key_padding_mask")
+    if kpm is not None:
+        kpm = kpm[:, None, None, :].expand(B, H, L, S)
+        if kpm.dtype == torch.bool:
+            allowed &= ~kpm
+        else:
+            allowed &= ~torch.isneginf(kpm)
+            bias += torch.where(torch.isneginf(kpm), 0.0, kpm.double())
+    extra = int(m.bias_k is not None) + int(m.add_zero_attn)
+    if extra:
+        allowed = torch.cat([allowed, torch.ones(B, H, L, extra, dtype=torch.bool)], -1)
+        bias = torch.cat([bias, torch.zeros(B, H, L, extra, dtype=torch.float64)], -1)
+    return allowed, bias
+
+
+def oracle_mha(m, q, k, v, call, seed, view: str, cp: bool = False):
+    """(output, relevance or modified gradient of query, key, value), batch-first float64, from
+    the oracle's linear epsilon rule and attention block. ``view``: "G" or "R"."""
+    bf = m.batch_first
+    q, k, v = ((t if bf else t.transpose(0, 1)).double() for t in (q, k, v))
+    E, H = m.embed_dim, m.num_heads
+    B, L, _ = q.shape
+    S, d = k.shape[1], E // m.num_heads
+    if m._qkv_same_embed_dim:
+        Wq, Wk, Wv = m.in_proj_weight.detach().double().split(E)
+    else:
+        Wq, Wk, Wv = (w.detach().double() for w in (m.q_proj_weight, m.k_proj_weight, m.v_proj_weight))
+    bq = bk = bv = None
+    if m.in_proj_bias is not None:
+        bq, bk, bv = m.in_proj_bias.detach().double().split(E)
+    Wo = m.out_proj.weight.detach().double()
+    bo = None if m.out_proj.bias is None else m.out_proj.bias.detach().double()
+    qp, kp, vp = O.linear_z(q, Wq, bq), O.linear_z(k, Wk, bk), O.linear_z(v, Wv, bv)
+    if m.bias_k is not None:
+        kp = torch.cat([kp, m.bias_k.detach().double().expand(B, 1, E)], 1)
+        vp = torch.cat([vp, m.bias_v.detach().double().expand(B, 1, E)], 1)
+    if m.add_zero_attn:
+        kp = torch.cat([kp, torch.zeros(B, 1, E, dtype=torch.float64)], 1)
+        vp = torch.cat([vp, torch.zeros(B, 1, E, dtype=torch.float64)], 1)
+    allowed, bias = _allowed_and_bias(m, call, B, L, S)
+
+    def heads(t):
+        return t.reshape(B, t.shape[1], H, d).transpose(1, 2)
+
+    def merge(t):
+        return t.transpose(1, 2).reshape(B, t.shape[2], E)
+
+    Q, K, V = heads(qp), heads(kp), heads(vp)
+    scale = d ** -0.5
+    Oh = O.attention_G(Q, K, V, torch.zeros(B, H, L, d, dtype=torch.float64), scale, EPS, allowed, bias, cp=cp)[0]
+    o = merge(Oh)
+    out = O.linear_z(o, Wo, bo)
+    seed_out = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    if view == "G":
+        Go = O.linear_epsilon_G(o, Wo, bo, seed_out, EPS)
+        _, GQ, GK, GV = O.attention_G(Q, K, V, heads(Go), scale, EPS, allowed, bias, cp=cp)
+        proj = O.linear_epsilon_G
+    else:
+        Ro = O.linear_epsilon_R(o, Wo, bo, seed_out, EPS)
+        if bias.any():  # the contract: relevance passes the additive mask unchanged (= gradient view x input)
+            _, GQ, GK, GV = O.attention_G(Q, K, V, heads(Ro) / Oh, scale, EPS, allowed, bias, cp=cp)
+            GQ, GK, GV = GQ * Q, GK * K, GV * V
+        else:
+            _, GQ, GK, GV = O.attention_R(Q, K, V, heads(Ro), scale, EPS, allowed, cp=cp)
+        proj = O.linear_epsilon_R
+    Gq, Gk, Gv = merge(GQ), merge(GK)[:, :S], merge(GV)[:, :S]
+    rq, rk, rv = proj(q, Wq, bq, Gq, EPS), proj(k, Wk, bk, Gk, EPS), proj(v, Wv, bv, Gv, EPS)
+    return out, seed_out, (rq, rk, rv)
+
+
+def run_rule(fn, m, q, k, v, call, seed_out, self_attn):
+    """Call ``fn(q, k, v, **call)`` on fresh leaves, backward with ``seed_out`` (batch-first);
+    returns (output batch-first, grads batch-first)."""
+    if self_attn:
+        x = q.detach().clone().requires_grad_(True)
+        leaves, args = [x], (x, x, x)
+    else:
+        leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+        args = tuple(leaves)
+    out, _ = fn(*args, **call)
+    bf = m.batch_first
+    out_bf = out if bf else out.transpose(0, 1)
+    out_bf.backward(seed_out.to(out.dtype))
+    # no relevance at all (CP-LRP's query) is a zero relevance
+    grads = [torch.zeros_like(t) if t.grad is None else t.grad for t in leaves]
+    grads = [g if bf else g.transpose(0, 1) for g in grads]
+    return out_bf.detach(), grads
+
+
+def expected_grads(self_attn, r):
+    return [r[0] + r[1] + r[2]] if self_attn else list(r)
+
+
+# ---- forward -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("need_weights,average", [(False, True), (True, True), (True, False)])
+def test_forward_equals_the_module(case, need_weights, average):
+    m, q, k, v, call = build(case, torch.float32, seed=1)
+    with torch.no_grad():
+        ref, w_ref = m(q, k, v, need_weights=need_weights, average_attn_weights=average, **call)
+    for fn in (lambda *a, **kw: multihead_attention(m, *a, **kw),
+               MultiheadAttentionLRP.from_module(m), MultiheadAttentionCPLRP.from_module(m)):
+        out, w = fn(q, k, v, need_weights=need_weights, average_attn_weights=average, **call)
+        torch.testing.assert_close(out, ref, rtol=2e-6, atol=2e-6)
+        if need_weights:
+            torch.testing.assert_close(w, w_ref, rtol=2e-6, atol=2e-6)
+        else:
+            assert w is None
+
+
+def test_unbatched_input_and_fully_masked_row():
+    torch.manual_seed(3)
+    m = nn.MultiheadAttention(4, 2).eval()
+    x = torch.randn(5, 4, requires_grad=True)
+    ref, w_ref = m(x, x, x)
+    out, w = multihead_attention(m, x, x, x)
+    torch.testing.assert_close(out, ref.detach(), rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(w, w_ref.detach(), rtol=2e-6, atol=2e-6)
+    # a query row with every key masked: torch gives NaN; the rule outputs bias only, no NaN anywhere
+    mask = torch.zeros(5, 5, dtype=torch.bool)
+    mask[2] = True
+    out, _ = multihead_attention(m, x, x, x, attn_mask=mask, need_weights=False)
+    out.backward(out.detach())
+    assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(out[2], m.out_proj.bias.detach())
+
+
+# ---- every path against the oracle -------------------------------------------------------------
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
+def test_gradient_view_matches_oracle(case, rule):
+    m, q, k, v, call = build(case, seed=2)
+    self_attn = CASES[case][1]
+    out_ref, seed_out, r = oracle_mha(m, q, k, v, call, seed=5, view="G", cp=rule == "cp-lrp")
+
+    def fn(*a, **kw):
+        return multihead_attention(m, *a, rule=rule, relevance=False, need_weights=False, **kw)
+    out, grads = run_rule(fn, m, q, k, v, call, seed_out, self_attn)
+    torch.testing.assert_close(out, out_ref, **F64)
+    for got, want in zip(grads, expected_grads(self_attn, r)):
+        torch.testing.assert_close(got, want, **F64)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
+def test_relevance_view_drop_in_matches_oracle(case, rule):
+    m, q, k, v, call = build(case, seed=4)
+    self_attn = CASES[case][1]
+    out_ref, seed_out, r = oracle_mha(m, q, k, v, call, seed=6, view="R", cp=rule == "cp-lrp")
+    drop_in = MultiheadAttentionLRP.from_module(m, rule=rule)
+    out, grads = run_rule(drop_in, m, q, k, v, call, seed_out, self_attn)
+    torch.testing.assert_close(out, out_ref, **F64)
+    for got, want in zip(grads, expected_grads(self_attn, r)):
+        torch.testing.assert_close(got, want, **F64)
+
+
+def test_relevance_view_with_a_finite_additive_mask_follows_the_contract():
+    """An additive bias in the mask (not only 0 / -inf): relevance passes it unchanged (math.md)."""
+    m, q, k, v, _ = build("cross-bool-mask-3d", seed=7)
+    gen = torch.Generator().manual_seed(8)
+    am = torch.randn(SIZES["L"], SIZES["S"], dtype=torch.float64, generator=gen)
+    am[0, 2] = -math.inf
+    call = dict(attn_mask=am)
+    out_ref, seed_out, r = oracle_mha(m, q, k, v, call, seed=9, view="R")
+    out, grads = run_rule(MultiheadAttentionLRP.from_module(m), m, q, k, v, call, seed_out, False)
+    torch.testing.assert_close(out, out_ref, **F64)
+    for got, want in zip(grads, r):
+        torch.testing.assert_close(got, want, **F64)
+
+
+def test_platform_path():
+    """SDPA forward and backward with the rescalings: CP-LRP exact; AttnLRP within eps / |S0|."""
+    m, q, k, v, call = build("cross-kdim-vdim-padding", seed=10)
+    for rule in ("cp-lrp", "attnlrp"):
+        _, seed_out, r = oracle_mha(m, q, k, v, call, seed=11, view="G", cp=rule == "cp-lrp")
+
+        def fn(*a, **kw):
+            return multihead_attention(m, *a, rule=rule, relevance=False, attention="platform", **kw)
+        _, grads = run_rule(fn, m, q, k, v, call, seed_out, False)
+        tol = F64 if rule == "cp-lrp" else dict(rtol=1e-4, atol=1e-6)
+        for got, want in zip(grads, r):
+            torch.testing.assert_close(got, want, **tol)
+
+
+# ---- the front ends -----------------------------------------------------------------------------
+
+class Block(nn.Module):
+    """A residual self-attention block calling the module, as open_clip does."""
+
+    def __init__(self, batch_first=True):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(6, 3, batch_first=batch_first)
+
+    def forward(self, x, mask):
+        return x + self.attn(x, x, x, need_weights=False, attn_mask=mask)[0]
+
+
+def _block(seed=12):
+    torch.manual_seed(seed)
+    model = Block().double().eval()
+    with torch.no_grad():
+        model.attn.in_proj_bias.normal_(0, 0.3)
+        model.attn.out_proj.bias.normal_(0, 0.3)
+    x = torch.randn(2, 4, 6, dtype=torch.float64)
+    mask = torch.ones(4, 4, dtype=torch.bool).triu_(1)
+    return model, x, mask
+
+
+def test_composite_module_path_and_traced_path():
+    import lrp_kernels.functional as lf
+    model, x, mask = _block()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    keys = list(state)
+    seed_out = torch.randn(2, 4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(13))
+    # the oracle: add rule, then the MHA rule with the branch's relevance as seed
+    a = model.attn(x, x, x, need_weights=False, attn_mask=mask)[0].detach()
+    Rx1, Ra = O.add_R([x, a], seed_out, EPS)
+    m = model.attn
+    ref = MultiheadAttentionLRP.from_module(m)
+    xx = x.clone().requires_grad_(True)
+    ref(xx, xx, xx, need_weights=False, attn_mask=mask)[0].backward(Ra)
+    _, seed_check, r = oracle_mha(m, x, x, x, dict(attn_mask=mask), seed=14, view="R")
+    want = Rx1 + xx.grad
+    # the drop-in alone is checked against the oracle (seeded by oracle_mha's own seed)
+    x2 = x.clone().requires_grad_(True)
+    ref(x2, x2, x2, need_weights=False, attn_mask=mask)[0].backward(seed_check)
+    torch.testing.assert_close(x2.grad, sum(r), **F64)
+
+    # traced path: + and the module, both with rules
+    comp = lrp_kernels.Composite({nn.MultiheadAttention: MultiheadAttentionLRP, operator.add: lf.add2})
+    traced = comp.register(model, dummy_inputs={"x": x, "mask": mask})
+    xt = x.clone().requires_grad_(True)
+    traced(xt, mask).backward(seed_out)
+    comp.remove()
+    torch.testing.assert_close(xt.grad, want, **F64)
+    assert any(e.type_name == "MultiheadAttention" and e.action == "replaced" for e in comp.entries)
+
+    # module path: the module replaced in place, same keys, restored exactly
+    comp = lrp_kernels.Composite({nn.MultiheadAttention: MultiheadAttentionLRP})
+    with comp:
+        comp.register(model)
+        assert isinstance(model.attn, MultiheadAttentionLRP) and list(model.state_dict()) == keys
+        xm = x.clone().requires_grad_(True)
+        branch = model.attn(xm, xm, xm, need_weights=False, attn_mask=mask)[0]
+        branch.backward(Ra)
+    torch.testing.assert_close(xm.grad, xx.grad, rtol=0, atol=0)
+    assert type(model.attn) is nn.MultiheadAttention
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_hook_rule_and_gamma_on_out_proj():
+    """LayerMapComposite: MultiheadAttentionRule == the drop-in; Gamma on nn.Linear reaches the
+    out-projection (checked against the oracle's gamma rule); remove() restores the forward."""
+    m, q, k, v, call = build("cross-kdim-vdim-padding", seed=15)
+    _, seed_out, _ = oracle_mha(m, q, k, v, call, seed=16, view="R")
+    want_out, want = run_rule(MultiheadAttentionLRP.from_module(m), m, q, k, v, call, seed_out, False)
+    with LayerMapComposite([(nn.MultiheadAttention, MultiheadAttentionRule())]).context(m):
+        assert "forward" in vars(m)
+        out, got = run_rule(m, m, q, k, v, call, seed_out, False)
+    assert "forward" not in vars(m)
+    torch.testing.assert_close(out, want_out, rtol=0, atol=0)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+    # Gamma(0.3) on out_proj: the out-projection's input relevance is the oracle's gamma rule
+    seen = {}
+
+    def record_input(module, args):
+        seen["o"] = args[0].detach()
+    h = m.out_proj.register_forward_pre_hook(record_input)
+    comp = LayerMapComposite([(nn.MultiheadAttention, MultiheadAttentionRule()), (nn.Linear, Gamma(0.3))])
+    with comp.context(m):
+        o_leaf = {}
+
+        def grab(module, args):  # the gate is after this hook: the grad of args[0] is R_o
+            args[0].register_hook(lambda g: o_leaf.setdefault("R", g))
+        h2 = m.out_proj.register_forward_pre_hook(grab, prepend=True)
+        run_rule(m, m, q, k, v, call, seed_out, False)
+        h2.remove()
+    h.remove()
+    o = seen["o"]
+    R_o = O.linear_gamma_R(o, m.out_proj.weight, m.out_proj.bias, seed_out, 0.3, EPS)
+    torch.testing.assert_close(o_leaf["R"], R_o, **F64)
+
+
+def test_patch_installs_the_rule_on_any_model_with_mha():
+    """patch() puts the rule on nn.MultiheadAttention (generic installer, no family needed for it):
+    gradient view == the oracle with attention='exact'; the forward is the module's; remove restores."""
+    model, x, mask = _block(seed=17)
+    m = model.attn
+    _, seed_out, r = oracle_mha(m, x, x, x, dict(attn_mask=mask), seed=18, view="G")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the block is no Hugging Face model: "no family" warning
+        handle = lrp_kernels.patch(model, strict=False, attention="exact")
+    assert handle.applied["attn"] == "multihead-attention"
+    xx = x.clone().requires_grad_(True)
+    out = m(xx, xx, xx, need_weights=False, attn_mask=mask)[0]
+    out.backward(seed_out)
+    handle.remove()
+    assert "forward" not in vars(m)
+    with torch.no_grad():
+        torch.testing.assert_close(out.detach(), m(x, x, x, need_weights=False, attn_mask=mask)[0], **F64)
+    torch.testing.assert_close(xx.grad, sum(r), **F64)
+
+
+def test_rule_and_view_are_checked():
+    m = nn.MultiheadAttention(4, 2)
+    x = torch.randn(3, 1, 4)
+    with pytest.raises(ValueError, match="is_causal"):
+        multihead_attention(m, x, x, x, is_causal=True)
+    with pytest.raises(ValueError, match="attn_mask must have shape"):
+        multihead_attention(m, x, x, x, attn_mask=torch.zeros(2, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        multihead_attention(m, x, x, x, key_padding_mask=torch.zeros(1, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="rule"):
+        multihead_attention(m, x, x, x, rule="lrp")
+    with pytest.raises(ValueError, match="platform"):
+        multihead_attention(m, x, x, x, attention="platform")
+    with pytest.raises(TypeError, match="MultiheadAttention"):
+        MultiheadAttentionLRP.from_module(nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="MultiheadAttention"):
+        MultiheadAttentionRule().register(nn.Linear(2, 2))
+    rule = MultiheadAttentionRule()
+    handle = rule.register(m)
+    with pytest.raises(RuntimeError, match="already has"):
+        MultiheadAttentionRule().register(m)
+    handle.remove()
