@@ -31,7 +31,7 @@ from .explicit import Composite, rules
 from . import hooks
 from .tools import check
 from .hf import PatchHandle, UnsupportedModelError, latent, patch
-from .explanations import Explanation, RelevanceMatrix, explain, explain_matrix
+from .explanations import Explanation, ImageExplanation, RelevanceMatrix, explain, explain_image, explain_matrix
 
 # `import lrp_kernels.functional as lf` (and the other short names) load the real module
 for _name, _module in {"functional": functional, "grad": grad, "modules": modules, "rules": rules,
@@ -42,6 +42,6 @@ __version__ = "0.1.0"
 
 __all__ = ["functional", "grad", "modules", "rules", "Composite", "hooks", "check", "latent",
            "patch", "PatchHandle", "UnsupportedModelError", "explain", "Explanation",
-           "explain_matrix", "RelevanceMatrix",
+           "explain_matrix", "RelevanceMatrix", "explain_image", "ImageExplanation",
            "attnlrp_attention", "stabilize", "DEFAULT_EPSILON", "available_backends",
            "current_backend", "use_backend", "BackendUnavailableError", "ops"]

@@ -168,3 +168,48 @@ def reference_dual(model, rule: str = "attnlrp"):
         return out
     call.text_model = ref.text_model  # for token_layer
     return call
+
+
+# ---- model folders for the image API and CLI (no hub: tokenizer and image processor built here) ----
+
+WORDS = ("a", "dog", "cat", "car", "photo", "of", "the")
+
+
+def tiny_tokenizer():
+    """A CLIP BPE tokenizer over letters plus the whole words of ``WORDS`` (vocab < 60 ids,
+    ``<|endoftext|>`` = 1 = EOS and padding, as the tiny text towers expect)."""
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": EOS}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab[c] = len(vocab)
+    merges = []
+    for word in WORDS[1:]:  # merge letter by letter into the word (end-of-word marked)
+        piece = word[0]
+        for i, c in enumerate(word[1:], 1):
+            right = c + ("</w>" if i == len(word) - 1 else "")
+            merges.append((piece, right))
+            piece = piece + right
+            vocab.setdefault(piece, len(vocab))
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab.setdefault(c + "</w>", len(vocab))
+    vocab = {k: v for k, v in vocab.items() if v < TEXT["vocab_size"]}
+    return tr.CLIPTokenizer(vocab=vocab, merges=[m for m in merges if all(p in vocab or p.endswith("</w>") for p in m)])
+
+
+def image_processor(name: str):
+    size = VISION["image_size"]
+    if name == "siglip":
+        return tr.SiglipImageProcessorPil(size={"height": size, "width": size})
+    return tr.CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def save_tiny(name: str, folder: str) -> str:
+    """``save_pretrained`` a tiny model ("clip", "siglip" or "dinov2": an embedding model), its
+    tokenizer (image-text models) and image processor into ``folder``."""
+    if name == "dinov2":
+        build_dinov2(classifier=False).float().save_pretrained(folder)
+        tr.BitImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+        return folder
+    build_dual(name).float().save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    image_processor(name).save_pretrained(folder)
+    return folder
