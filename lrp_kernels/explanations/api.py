@@ -1,6 +1,7 @@
 """``lrp_kernels.explanations.api``: explain what a causal language model predicts, token by token.
 
-One forward and one backward per call (per generated token with ``generate=``)::
+One forward and one backward per call (with ``generate=n``: one forward over the prompt and
+the generated tokens, then one input-only backward per generated token)::
 
     exp = lrp_kernels.explain(model, tokenizer, "k7 23 ; k3 19 ; ? k3")
     exp.target.text, exp.top(3)          # '19', [(index, token, relevance), ...]
@@ -30,8 +31,10 @@ What is explained:
   relevance is exactly the sum of its tokens' single-token explanations. Log-probabilities
   would add the log-softmax, whose gradient subtracts a probability-weighted mix of *all*
   logits, i.e. an implicit contrast against every other token;
-* ``generate=n``: greedy generation of ``n`` tokens, each explained given the prompt and the
-  tokens generated before it (a list of Explanations);
+* ``generate=n``: greedy generation of ``n`` tokens (with the model's KV cache), each explained
+  given the prompt and the tokens generated before it (a list of Explanations); all of them
+  come from one forward over the whole sequence, as rows of
+  :func:`~lrp_kernels.explanations.matrix.explain_matrix`;
 * a list of prompts: left-padded, one forward and one backward for the whole batch; padding
   receives zero relevance and is dropped from the returned Explanations.
 """
@@ -585,20 +588,22 @@ def _explain_generation(model, tokenizer, prompt, n, *, rules, epsilon, backend,
     if limit is not None and len(row) + n - 1 > limit:
         raise PromptTooLongError(f"prompt has {len(row)} tokens; generating {n} more exceeds the "
                                  f"limit of {limit} (the model's context or max_length)")
-    base_tokens = _display_tokens(tokenizer, prompt, row, offsets[0])
+    from .matrix import _greedy, _rows  # the one-pass relevance matrix (imports this module)
+    gen = _greedy(model, row, n, getattr(tokenizer, "eos_token_id", None))
+    # one forward over prompt + generation, one input-only backward per generated token
+    res = _rows(model, row, gen, rules=rules, epsilon=epsilon, backend=backend, strict=strict,
+                memory_budget=None, progress=progress, latent=latent)
+    tokens = _display_tokens(tokenizer, prompt, row, offsets[0]) + _appended_display(
+        tokenizer, row, gen)
+    seq = row + gen
     exps: List[Explanation] = []
-    eos = getattr(tokenizer, "eos_token_id", None)
-    for step in range(n):
-        exp = _explain_batch(model, tokenizer, [prompt], [None], continuation=None, contrast=None,
-                             rules=rules, epsilon=epsilon, backend=backend, max_length=max_length,
-                             latent=latent, strict=strict, prompt_ids=[row])[0]
-        exp.tokens = base_tokens + _appended_display(tokenizer, ids[0], row[len(ids[0]):])
-        exp.prompt = prompt
-        exp.meta["generation_step"] = step
-        exps.append(exp)
-        if progress is not None:
-            progress(step + 1, n)
-        row = row + [exp.target.id]
-        if eos is not None and exp.target.id == eos:
-            break
+    for step, tid in enumerate(gen):
+        pos = len(row) + step
+        tgt = Target(ids=[tid], text=_token_text(tokenizer, [tid]), logit=float(res.logits[step]),
+                     probability=float(res.probabilities[step]))
+        exps.append(Explanation(
+            tokens=tokens[:pos], token_ids=seq[:pos], relevance=res.relevance[step, :pos].clone(),
+            target=tgt, rules=rules, prompt=prompt,
+            latent=None if res.latent is None else res.latent[step, :, :pos].clone(),
+            meta={"objective": "logit", "padding_relevance": 0.0, "generation_step": step}))
     return exps

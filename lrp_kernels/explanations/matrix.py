@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -151,7 +152,9 @@ def explain_matrix(model, tokenizer, prompt: str, *, continuation: Optional[str]
     if not isinstance(prompt, str):
         raise ExplainError("prompt must be a string (explain_matrix explains one prompt), got "
                            f"{type(prompt).__name__}")
-    prompts = _api._check_prompts(prompt)
+    if not prompt:
+        raise ExplainError("prompt is an empty string: there is nothing to explain")
+    prompts = [prompt]
     _api._check_options(rules, epsilon, max_length, strict)
     _check_request(continuation, generate, memory_budget, progress)
     ids, offsets = _api._encode(tokenizer, prompts)
@@ -176,43 +179,153 @@ def explain_matrix(model, tokenizer, prompt: str, *, continuation: Optional[str]
         if continuation is None:
             cont_ids = _greedy(model, prompt_ids, generate,
                                getattr(tokenizer, "eos_token_id", None))
-        relevance, logits, probs = _rows(model, tokenizer, prompt_ids, cont_ids, rules=rules,
-                                         epsilon=epsilon, backend=backend, strict=strict,
-                                         memory_budget=memory_budget, progress=progress)
+        res = _rows(model, prompt_ids, cont_ids, rules=rules, epsilon=epsilon,
+                    backend=backend, strict=strict, memory_budget=memory_budget,
+                    progress=progress)
     prompt_tokens = _api._display_tokens(tokenizer, prompt, prompt_ids, offsets[0])
     appended = _api._appended_display(tokenizer, prompt_ids, cont_ids)
     text = prompt + "".join(appended)
     spans = None
     if offsets[0] is not None:
         spans, at = [tuple(o) for o in offsets[0]], len(prompt)
-        for piece in appended:
-            spans.append((at, at + len(piece)))
+        for piece in appended:  # like a fast tokenizer's offsets: without leading spaces
+            spans.append((at + len(piece) - len(piece.lstrip()), at + len(piece)))
             at += len(piece)
     return RelevanceMatrix(
         tokens=prompt_tokens + appended, token_ids=prompt_ids + cont_ids,
-        prompt_length=len(prompt_ids), relevance=relevance, target_logits=logits,
-        target_probabilities=probs, text=text, offsets=spans, rules=rules,
-        meta={"source": "continuation" if continuation is not None else "greedy generation"})
+        prompt_length=len(prompt_ids), relevance=res.relevance, target_logits=res.logits,
+        target_probabilities=res.probabilities, text=text, offsets=spans, rules=rules,
+        meta={"source": "continuation" if continuation is not None else "greedy generation",
+              "future_relevance": res.future, "batched_backward": res.batched})
 
 
-def _rows(model, tokenizer, prompt_ids, cont_ids, *, rules, epsilon, backend, strict,
-          memory_budget, progress):
-    """``[K, N]`` relevance and the ``[K]`` target logits / probabilities, one single-target
-    explanation per row (each given its own prefix)."""
+DEFAULT_MEMORY_BUDGET = 2 ** 30  # bytes for the cotangents of rows backpropagated together
+
+
+@dataclass
+class _Rows:
+    """What :func:`_rows` computes: ``relevance`` ``[K, N]`` (float32, CPU), ``logits`` and
+    ``probabilities`` ``[K]``, ``latent`` ``[K, layers + 1, N]`` or None, ``future`` the largest
+    relevance that reached a position at or after its row's token before it was set to 0 (0 up
+    to rounding for a causal model), ``batched`` whether rows shared backward passes."""
+    relevance: torch.Tensor
+    logits: torch.Tensor
+    probabilities: torch.Tensor
+    latent: Optional[torch.Tensor]
+    future: float
+    batched: bool
+
+
+def _rows_per_pass(n: int, model, memory_budget: Optional[float]) -> int:
+    """How many rows one batched backward may carry: a row's cotangents are about a dozen
+    hidden-state-sized tensors plus one attention matrix per head (the unfused backward)."""
+    cfg = getattr(model, "config", None)
+    hidden = int(getattr(cfg, "hidden_size", 0) or 1024)
+    heads = int(getattr(cfg, "num_attention_heads", 0) or 16)
+    per_row = 4 * n * (12 * hidden + n * heads)
+    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
+    return max(1, int(budget // per_row))
+
+
+def _rows(model, prompt_ids: List[int], cont_ids: List[int], *, rules: str,
+          epsilon: Optional[float], backend: Optional[str], strict: bool,
+          memory_budget: Optional[float], progress: Optional[Callable[[int, int], None]],
+          latent: bool = False) -> _Rows:
+    """Every row of the matrix from one forward over the sequence (the last token is only
+    predicted, never an input) and one input-only backward per row, all on the same graph.
+
+    Causal masking makes the logit at position ``p`` of the full forward the logit of the
+    prefix ending at ``p``, and the backward of every rule acts on the same causal graph, so
+    row ``k`` is the single-target explanation of its token given its prefix. Rows go through
+    batched cotangents (``is_grads_batched``, chunked to ``memory_budget``) where the backward
+    supports ``vmap`` (plain autograd: ``rules="gradient"``); the patched rules' backwards do
+    not, so there each row is one more backward of the retained graph.
+    """
     seq = prompt_ids + cont_ids
-    n, k_total = len(seq), len(cont_ids)
+    n, k_total, p0 = len(seq), len(cont_ids), len(prompt_ids)
+    dev = next(model.parameters()).device
+    input_ids = torch.tensor([seq[:-1]], device=dev)
+    mask = torch.ones_like(input_ids)
+    emb_layer = model.get_input_embeddings()
+    for p in model.parameters():  # input-only backwards: no weight-gradient edges in the graph
+        p.requires_grad_(False)   # (the caller's flags come back with _keep_parameters)
     rel = torch.zeros(k_total, n)
-    logits, probs = torch.zeros(k_total), torch.zeros(k_total)
-    for k, tid in enumerate(cont_ids):
-        pos = len(prompt_ids) + k
-        exp = _api._explain_batch(model, tokenizer, [], [tid], continuation=None, contrast=None,
-                                  rules=rules, epsilon=epsilon, backend=backend, max_length=None,
-                                  latent=False, strict=strict, prompt_ids=[seq[:pos]])[0]
-        rel[k, :pos] = exp.relevance
-        logits[k], probs[k] = exp.target.logit, exp.target.probability
-        if progress is not None:
-            progress(k + 1, k_total)
-    return rel, logits, probs
+    lat = None
+    batched = rules in _api.GRADIENT_RULES
+    with _api._patch_context(model, rules, epsilon, backend, strict), \
+            _api._backend_context(backend), torch.enable_grad():
+        embeds = emb_layer(input_ids).detach().requires_grad_(True)
+        hidden: List[torch.Tensor] = []
+        if latent:
+            out = model(inputs_embeds=embeds, attention_mask=mask, use_cache=False,
+                        position_ids=torch.arange(n - 1, device=dev)[None],
+                        output_hidden_states=True, logits_to_keep=k_total)
+            logits = out.logits[:, -k_total:]
+            states = list(out.hidden_states)
+            hidden = [h for h in states if h.requires_grad and h is not embeds]
+            lat = torch.zeros(k_total, len(states), n)
+            # hidden state i -> its entry of wrt below (0: the embeddings), None: no gradient
+            where = [next((j for j, t in enumerate([embeds] + hidden) if t is h), None)
+                     for h in states]
+        else:
+            logits = _api._forward(model, embeds, mask, k_total)
+        logits32 = logits[0].float()                                 # [K, vocab]
+        rows = torch.arange(k_total, device=dev)
+        cid = torch.tensor(cont_ids, device=dev)
+        chosen = logits32[rows, cid]                                 # [K]
+        if not torch.isfinite(chosen).all():
+            raise ExplainError("the model produced a non-finite logit for a continuation "
+                               "token; check the model weights and dtype")
+        probs = torch.log_softmax(logits32.detach(), -1)[rows, cid].exp()
+        wrt = [embeds] + hidden
+        x = [w.detach().float() for w in wrt]
+        step = _rows_per_pass(n, model, memory_budget) if batched else 1
+        done = 0
+        while done < k_total:
+            chunk = list(range(done, min(done + step, k_total)))
+            last = chunk[-1] == k_total - 1
+            grads = None
+            if batched:
+                seeds = torch.zeros(len(chunk), k_total, device=dev, dtype=chosen.dtype)
+                seeds[torch.arange(len(chunk)), torch.tensor(chunk)] = 1
+                try:
+                    grads = torch.autograd.grad(chosen, wrt, grad_outputs=seeds, retain_graph=True,
+                                                is_grads_batched=True, allow_unused=True)
+                except RuntimeError:  # an op without a vmap rule: one backward per row
+                    batched, step = False, 1
+                    continue
+            else:
+                g1 = torch.autograd.grad(chosen[chunk[0]], wrt, retain_graph=not last,
+                                         allow_unused=True)
+                grads = [None if g is None else g.unsqueeze(0) for g in g1]
+            for j, k in enumerate(chunk):
+                vals = [torch.zeros(n - 1, device=dev) if g is None else
+                        (xi[0] * g[j, 0].float()).sum(-1) for xi, g in zip(x, grads)]
+                rel[k, :n - 1] = vals[0].cpu()
+                if lat is not None:
+                    for i, j in enumerate(where):
+                        if j is not None:
+                            lat[k, i, :n - 1] = vals[j].cpu()
+            done += len(chunk)
+            if progress is not None:  # once per row, also for rows finished together
+                for k in chunk:
+                    progress(k + 1, k_total)
+    # positions at and after each row's token: 0 by causality; kept as a check, then cleared
+    future = torch.arange(n)[None, :] >= (p0 + torch.arange(k_total))[:, None]
+    leak = float(rel[future].abs().max()) if future.any() else 0.0
+    rel[future] = 0
+    if lat is not None:
+        lat[future[:, None, :].expand_as(lat)] = 0
+    if not torch.isfinite(rel).all():
+        raise ExplainError("the relevance is not finite (NaN/Inf); try float32 or a larger "
+                           "epsilon")
+    chosen = chosen.detach()
+    zero = [k for k in range(k_total) if float(chosen[k]) != 0 and not rel[k].any()]
+    if zero:
+        warnings.warn(f"every relevance is exactly 0 for continuation token(s) {zero} although "
+                      "the explained logit is not: it does not depend on the input embeddings "
+                      "through this model's gradient", stacklevel=3)
+    return _Rows(rel, chosen.cpu(), probs.cpu(), lat, leak, batched)
 
 
 __all__ = ["RelevanceMatrix", "explain_matrix"]
