@@ -241,15 +241,44 @@ def identity(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, epsilo
 
 # ---- gated product act(g) * u (gated MLPs): identity rule on act, uniform rule on the product --
 
-def gated_product_backward_torch(grad_m, g, u, act, epsilon, need_g, need_u):
-    """Gradient view, one step: ``s = act(g)`` (recomputed: the plain model keeps it anyway),
-    ``G_u = G_m * s / k``, ``G_g = (G_m * u / k) * s / stab(g)``; ``k = 2`` if both need it."""
+# Elements per block of the gated product's backward: its three temporaries (act(g), the scaled
+# gradient, stab(g)) then cost a few MiB instead of three MLP activations each at the peak.
+GATED_BACKWARD_BLOCK = 1 << 18
+
+
+def _gated_product_backward_block(grad_m, g, u, act, epsilon, k, gg, gu):
     cd = compute_dtype(grad_m, g, u)
     with torch.no_grad():
         s = act(g).to(cd)
-    h = grad_m.to(cd) * (0.5 if (need_g and need_u) else 1.0)
-    gu = (h * s).to(u.dtype) if need_u else None
-    gg = s.mul_(h.mul_(u.to(cd))).div_(stabilize(g, epsilon)).to(g.dtype) if need_g else None
+    h = grad_m.to(cd) * k
+    if gu is not None:
+        gu.copy_(h * s)
+    if gg is not None:
+        gg.copy_(s.mul_(h.mul_(u.to(cd))).div_(stabilize(g, epsilon)))
+
+
+def gated_product_backward_torch(grad_m, g, u, act, epsilon, need_g, need_u):
+    """Gradient view, one step: ``s = act(g)`` (recomputed: the plain model keeps it anyway),
+    ``G_u = G_m * s / k``, ``G_g = (G_m * u / k) * s / stab(g)``; ``k = 2`` if both need it.
+
+    Same-shape contiguous inputs run in blocks of :data:`GATED_BACKWARD_BLOCK` elements (``act``
+    is element-wise), so only the two results are activation-sized."""
+    k = 0.5 if (need_g and need_u) else 1.0
+    if not (g.shape == u.shape == grad_m.shape and all(t.is_contiguous() for t in (grad_m, g, u))):
+        # broadcast or strided inputs: one block over the broadcast shape, reduced to each input
+        cd = compute_dtype(grad_m, g, u)
+        with torch.no_grad():
+            s = act(g).to(cd)
+        h = grad_m.to(cd) * k
+        gu = _reduce_to(h * s, u) if need_u else None
+        gg = _reduce_to(s * (h * u.to(cd)) / stabilize(g, epsilon), g) if need_g else None
+        return gg, gu
+    gg = torch.empty_like(g) if need_g else None
+    gu = torch.empty_like(u) if need_u else None
+    flat = [t.view(-1) if t is not None else None for t in (grad_m, g, u, gg, gu)]
+    for start in range(0, g.numel(), GATED_BACKWARD_BLOCK):
+        block = [t[start:start + GATED_BACKWARD_BLOCK] if t is not None else None for t in flat]
+        _gated_product_backward_block(*block[:3], act, epsilon, k, *block[3:])
     return gg, gu
 
 
