@@ -14,6 +14,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from lrp_kernels.cli import main
@@ -125,6 +127,8 @@ def test_hand_built_steps(additive, tok):
     assert one.counts == [0, 3] and one.abpc == pytest.approx(0, abs=1e-12)
     _, many = hand(additive, tok, steps=50)
     assert many.counts == [0, 1, 2, 3] and many.abpc == pytest.approx(2 / 9, abs=1e-9)
+    _, split = hand(additive, tok, forward_tokens=4)   # one sequence (4 tokens) per forward
+    assert split.morf_raw == many.morf_raw and split.lerf_raw == many.lerf_raw
 
 
 def test_hand_built_probability(additive, tok):
@@ -138,6 +142,43 @@ def test_hand_built_probability(additive, tok):
     norm = [(v - p[3]) / (p[0] - p[3]) for v in (p[0], p[4], p[5], p[3])], \
         [(v - p[3]) / (p[0] - p[3]) for v in (p[0], p[1], p[2], p[3])]
     assert c.abpc == pytest.approx(area(x, norm[0]) - area(x, norm[1]), rel=1e-5)
+
+
+KEYS = [f"k{i}" for i in range(8)]
+
+
+@settings(max_examples=25, deadline=None)
+@given(contrib=st.lists(st.floats(-3, 3, allow_nan=False).map(lambda v: round(v, 2)),
+                        min_size=8, max_size=8, unique=True),
+       n_tokens=st.integers(1, 8), steps=st.one_of(st.none(), st.integers(1, 9)),
+       removal=st.sampled_from(["zero", "replace"]))
+def test_additive_models_against_sorted_contributions(tok, contrib, n_tokens, steps, removal):
+    """Any additive model: gradient x input is each token's contribution, MoRF removes them in
+    decreasing order, and the curves are partial sums of the sorted contributions (computed here
+    with plain Python, no model). Removing the largest contributions first is the fastest way
+    down, so gradient x input's MoRF curve lies on or below the random attribution's."""
+    model = AdditiveLM(tok, "k0")
+    unk = 0.25 if removal == "replace" else 0.0
+    with torch.no_grad():
+        for key, value in zip(KEYS, contrib):
+            model.embed.weight[tok.convert_tokens_to_ids(key)] = value
+    c = dict(zip(KEYS, contrib))
+    words = KEYS[:n_tokens]
+    total = 0.5 + sum(c[w] for w in words)
+    assume(abs(sum(c[w] - unk for w in words)) > 1e-3)     # else no normalised curve
+    r = perturbation_curves(model, tok, [" ".join(words)], ["gradxinput", "random"],
+                            targets=["k0"], removal=removal, steps=steps, seed=1)
+    g = r.curves["gradxinput"][0]
+    counts = removal_counts(n_tokens, steps)
+    for order, raw in ((sorted(words, key=lambda w: -c[w]), g.morf_raw),
+                       (sorted(words, key=lambda w: c[w]), g.lerf_raw)):
+        expected = [total - sum(c[w] - unk for w in order[:k]) for k in counts]
+        assert raw == pytest.approx(expected, abs=1e-4)
+    assert g.inverted == (expected[-1] > expected[0])
+    rnd = r.curves["random"][0]
+    assert all(a <= b + 1e-9 for a, b in zip(g.morf, rnd.morf))
+    assert all(a >= b - 1e-9 for a, b in zip(g.lerf, rnd.lerf))
+    assert r.abpc("gradxinput") >= r.abpc("random") - 1e-9
 
 
 def test_removal_counts_remove_each_token_once():

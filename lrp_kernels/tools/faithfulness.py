@@ -31,11 +31,14 @@ between perturbation curves of Blücher et al.):
 6. **Score** ``y_j``: the target's logit at the last position (``score="logit"``, default: the
    quantity the relevance explains) or its softmax probability (``score="probability"``), from a
    plain forward without gradient. All steps of all methods of one prompt run as one batch of
-   embeddings (split into ``forward_batch`` rows at most).
-7. **Normalisation** per prompt: ``n_j = (y_j - y_S) / (y_0 - y_S)``. The first and the last
+   embeddings (split so that no forward holds more than ``forward_tokens`` tokens).
+7. **Normalisation** per prompt: ``n_j = (y_j - y_S) / |y_0 - y_S|``. The first and the last
    point are the same for both orders and every method (nothing / every removable token
-   removed), so every normalised curve starts at 1 and ends at 0, whatever the logit's offset and
-   scale. A prompt whose ``|y_0 - y_S| <= 1e-6 max(1, |y_0|)`` (removing everything does not
+   removed), so every normalised curve ends at 0 and starts at 1 (or at -1 on a prompt where
+   removing everything *raises* the score, counted as ``inverted``), whatever the logit's
+   offset and scale. Dividing by the absolute value keeps the meaning of the area: a prompt's
+   normalised ABPC is its ABPC in score units times the positive weight ``1 / |y_0 - y_S|``. A
+   prompt whose ``|y_0 - y_S| <= 1e-6 max(1, |y_0|)`` (removing everything does not
    change the score) has no such curve; it is left out of every method's averages with a
    warning and its index listed in ``FaithfulnessResult.skipped``.
 8. **Areas** by the trapezoidal rule over the removed fraction ``x_j = k_j / N``:
@@ -116,18 +119,23 @@ class PromptCurves:
         y0, ys = self.morf_raw[0], self.morf_raw[-1]
         return abs(y0 - ys) <= _FLAT * max(1.0, abs(y0))
 
+    @property
+    def inverted(self) -> bool:
+        """Removing every removable token raises the score (the normalised curves start at -1)."""
+        return self.morf_raw[-1] > self.morf_raw[0]
+
     def _normalise(self, raw: List[float]) -> List[float]:
         y0, ys = self.morf_raw[0], self.morf_raw[-1]
-        return [(y - ys) / (y0 - ys) for y in raw]
+        return [(y - ys) / abs(y0 - ys) for y in raw]
 
     @property
     def morf(self) -> List[float]:
-        """Normalised MoRF curve, 1 .. 0."""
+        """Normalised MoRF curve: 1 (or -1 when ``inverted``) .. 0."""
         return self._normalise(self.morf_raw)
 
     @property
     def lerf(self) -> List[float]:
-        """Normalised LeRF curve, 1 .. 0."""
+        """Normalised LeRF curve: 1 (or -1 when ``inverted``) .. 0."""
         return self._normalise(self.lerf_raw)
 
     @property
@@ -193,7 +201,8 @@ class FaithfulnessResult:
                 "area_morf": float(np.mean([area(c.fractions, c.morf) for c in kept])),
                 "area_lerf": float(np.mean([area(c.fractions, c.lerf) for c in kept])),
                 "abpc_raw": float(np.mean([c.abpc_raw for c in kept])),
-                "prompts": len(kept), "skipped": len(self.skipped), "removal": self.removal,
+                "prompts": len(kept), "skipped": len(self.skipped),
+                "inverted": sum(c.inverted for c in kept), "removal": self.removal,
                 "baseline_token": self.baseline_token, "score": self.score, "steps": self.steps,
                 "seed": self.seed})
         return rows
@@ -299,11 +308,12 @@ def _baseline_id(tokenizer, removal: str, baseline_token) -> Optional[int]:
 # ----------------------------------------------------------------------------- curves
 
 def _scores(model, base: torch.Tensor, replacement: torch.Tensor, removed: torch.Tensor,
-            target: int, score: str, forward_batch: int) -> torch.Tensor:
+            target: int, score: str, forward_tokens: int) -> torch.Tensor:
     """The target's score for each row of ``removed`` ([rows, L] bool), without gradient."""
     out = []
-    for start in range(0, removed.shape[0], forward_batch):
-        rows = removed[start:start + forward_batch]
+    per_forward = max(1, forward_tokens // removed.shape[1])
+    for start in range(0, removed.shape[0], per_forward):
+        rows = removed[start:start + per_forward]
         embeds = torch.where(rows[..., None], replacement, base)
         mask = torch.ones(rows.shape, dtype=torch.long, device=base.device)
         last = _forward(model, embeds, mask, 1)[:, -1].float()
@@ -314,33 +324,34 @@ def _scores(model, base: torch.Tensor, replacement: torch.Tensor, removed: torch
 
 def _prompt_curves(model, prompt: str, token_ids: List[int], target: int,
                    relevances: Dict[str, torch.Tensor], special: set, *, removal_id,
-                   steps, score, forward_batch) -> Dict[str, PromptCurves]:
+                   steps, score, forward_tokens) -> Dict[str, PromptCurves]:
     emb_layer = model.get_input_embeddings()
     dev = emb_layer.weight.device
     removable = [i for i, t in enumerate(token_ids) if t not in special]
     n, width = len(removable), len(token_ids)
     counts = removal_counts(n, steps)
-    pos = torch.tensor(removable, device=dev)
+    pos = torch.tensor(removable)  # the orders and row masks are built on the CPU
     with torch.no_grad():
         base = emb_layer(torch.tensor([token_ids], device=dev))[0]
         replacement = torch.zeros_like(base[0]) if removal_id is None else \
             emb_layer(torch.tensor([removal_id], device=dev))[0]
     # rows: nothing removed, everything removed (shared by both orders and all methods), then
     # the inner steps of MoRF and LeRF of every method
-    inner = torch.tensor(counts[1:-1], device=dev)
-    rows = [torch.zeros(1, width, dtype=torch.bool, device=dev),
-            torch.zeros(1, width, dtype=torch.bool, device=dev).index_fill_(1, pos, True)]
+    inner = torch.tensor(counts[1:-1], dtype=torch.long)
+    rows = [torch.zeros(1, width, dtype=torch.bool),
+            torch.zeros(1, width, dtype=torch.bool).index_fill_(1, pos, True)]
     orders = {}
     for m, rel in relevances.items():
-        r = rel.double()[removable]
+        r = rel.detach().double().cpu()[removable]
         morf = torch.argsort(-r, stable=True)
         lerf = torch.argsort(r, stable=True)
         orders[m] = (pos[morf].tolist(), pos[lerf].tolist())
         for order in (morf, lerf):
-            rank = torch.full((width,), width + 1, device=dev)
-            rank[pos[order]] = torch.arange(n, device=dev)   # removal step of each position
+            rank = torch.full((width,), width + 1, dtype=torch.long)
+            rank[pos[order]] = torch.arange(n)   # place of each position in the order
             rows.append(rank[None, :] < inner[:, None])
-    y = _scores(model, base, replacement, torch.cat(rows), target, score, forward_batch).tolist()
+    y = _scores(model, base, replacement, torch.cat(rows).to(dev), target, score,
+                forward_tokens).tolist()
     y0, ys, rest = y[0], y[1], y[2:]
     k = len(counts) - 2
     out = {}
@@ -359,7 +370,7 @@ def perturbation_curves(model, tokenizer, prompts: Sequence[str],
                         removal: str = "zero", baseline_token: Optional[Union[int, str]] = None,
                         steps: Optional[int] = None, score: str = "logit", seed: int = 0,
                         epsilon: Optional[float] = None, backend: Optional[str] = None,
-                        explain_batch: int = 32, forward_batch: int = 512,
+                        explain_batch: int = 32, forward_tokens: int = 65536,
                         progress: Optional[Callable[[int, int], None]] = None
                         ) -> FaithfulnessResult:
     """MoRF / LeRF perturbation curves and ABPC of each method on each prompt (module docstring:
@@ -382,7 +393,8 @@ def perturbation_curves(model, tokenizer, prompts: Sequence[str],
         seed: seed of the random attribution.
         epsilon, backend: passed to :func:`lrp_kernels.explain`.
         explain_batch: prompts per :func:`~lrp_kernels.explain` call (one padded batch).
-        forward_batch: perturbed sequences per forward at most.
+        forward_tokens: tokens per perturbed forward at most (``forward_tokens // length``
+            sequences, at least one): bounds the activation memory on long prompts.
         progress: ``progress(done, total)`` after each prompt.
 
     Returns:
@@ -411,7 +423,7 @@ def perturbation_curves(model, tokenizer, prompts: Sequence[str],
         raise FaithfulnessError(f"score must be one of {SCORES}, got {score!r}")
     _check_positive("steps", steps, allow_none=True)
     _check_positive("explain_batch", explain_batch)
-    _check_positive("forward_batch", forward_batch)
+    _check_positive("forward_tokens", forward_tokens)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise FaithfulnessError(f"seed must be an integer, got {seed!r}")
     if targets is not None:
@@ -441,7 +453,7 @@ def perturbation_curves(model, tokenizer, prompts: Sequence[str],
                               else exps[m][i].relevance) for m in methods}
             per_method = _prompt_curves(model, part[i], e.token_ids, e.target.id, relevances,
                                         special, removal_id=removal_id, steps=steps, score=score,
-                                        forward_batch=forward_batch)
+                                        forward_tokens=forward_tokens)
             for m in methods:
                 curves[m].append(per_method[m])
             if progress is not None:
