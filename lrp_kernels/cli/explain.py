@@ -17,7 +17,7 @@ EPILOG = """\
 examples:
   lrp-kernels explain "k7 23 ; k3 19 ; k12 5 ; ? k3" --out heatmap.html
   echo "k1 5 ; k4 8 ; ? k1" | lrp-kernels explain - --out heatmap.json
-  lrp-kernels explain --file prompt.txt --model path/or/hub-id --generate 5 --out gen.html
+  lrp-kernels explain --file prompt.txt --model path/or/hub-id --generate 5 --out answer.html
   lrp-kernels explain "k2 7 ; k9 3 ; ? k2" --target 7 --contrast 3
 
 A hub id loads from the local Hugging Face cache when the hub is not reachable (or
@@ -26,7 +26,10 @@ Exit code 2 and one line on stderr for any mistake in the arguments or the model
 
 The default model is the tiny key-value recall Llama shipped with lrp_kernels
 (prompts like "k7 23 ; k3 19 ; ? k3", answer "19": the value of the queried key).
-With --generate N and an output path, step i is written to NAME-i.EXT.
+With --generate N and --out NAME.html, one interactive viewer of the whole answer is written
+(click or hover an answer token to colour the context by its relevance) and NAME.json beside it
+(the relevance matrix: every earlier token for every generated token, one forward pass). With
+--generate N and .json, .png or .pdf, step i is written to NAME-i.EXT.
 """
 
 
@@ -51,7 +54,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     tg.add_argument("--generate", type=int_at_least(1), metavar="N",
                     help="generate N tokens greedily and explain each")
     p.add_argument("--out", help="write the heatmap: .html, .pdf (needs xelatex/pdflatex), "
-                                 ".png (needs matplotlib) or .json")
+                                 ".png (needs matplotlib) or .json; with --generate, .html is "
+                                 "one interactive viewer of the whole answer (plus NAME.json)")
     p.add_argument("--rules", default="attnlrp", choices=("attnlrp", "cp-lrp", "gradient"),
                    help="attnlrp (default), cp-lrp (no relevance through the attention softmax) or plain gradient x input")
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "cpp", "triton"),
@@ -177,6 +181,11 @@ def run(args) -> int:
         raise CLIError("--continuation is empty")
     if args.continuation is not None and args.target is not None:
         raise CLIError("give either --target or --continuation, not both")
+    if args.generate and (args.target or args.continuation is not None or args.contrast):
+        raise CLIError("--generate picks its own targets; do not combine it with --target, "
+                       "--continuation or --contrast")
+    viewer = bool(args.generate and args.out
+                  and os.path.splitext(args.out)[1].lower() in (".html", ".htm"))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         torch.empty(0, device=device)
@@ -202,11 +211,19 @@ def run(args) -> int:
         def progress(done, total):
             bar.update(done - bar.n)
     try:
-        result = explain(
-            model, tok, prompt, _parse_token(args.target, '--target'), continuation=args.continuation,
-            contrast=_parse_token(args.contrast, '--contrast'), generate=args.generate, rules=args.rules,
-            epsilon=args.epsilon, backend=args.backend, max_length=args.max_length,
-            strict=args.strict, progress=progress)
+        if viewer:  # the relevance matrix: one forward, one input-only backward per token
+            from ..explanations.matrix import explain_matrix
+            result = explain_matrix(model, tok, prompt, generate=args.generate, rules=args.rules,
+                                    epsilon=args.epsilon, backend=args.backend,
+                                    max_length=args.max_length, strict=args.strict,
+                                    progress=progress)
+        else:
+            result = explain(
+                model, tok, prompt, _parse_token(args.target, '--target'),
+                continuation=args.continuation, contrast=_parse_token(args.contrast, '--contrast'),
+                generate=args.generate, rules=args.rules, epsilon=args.epsilon,
+                backend=args.backend, max_length=args.max_length, strict=args.strict,
+                progress=progress)
     except ExplainError as err:
         raise CLIError(str(err)) from None
     except Exception as err:
@@ -222,6 +239,10 @@ def run(args) -> int:
         if bar is not None:
             bar.close()
 
+    if viewer:
+        _print_matrix(result, tok, args.top)
+        _write_viewer(result, args.out)
+        return 0
     exps = result if isinstance(result, list) else [result]
     for i, exp in enumerate(exps):
         head = f"[{i}] " if len(exps) > 1 else ""
@@ -246,3 +267,31 @@ def run(args) -> int:
         except OSError as err:
             raise CLIError(f"cannot write --out {args.out!r}: {err.strerror or err}") from None
     return 0
+
+
+def _print_matrix(matrix, tok, top: int) -> None:
+    """What ``explain --generate`` prints per generated token, from the relevance matrix."""
+    p = matrix.prompt_length
+    for k in range(matrix.continuation_length):
+        tid = matrix.token_ids[p + k]
+        text = tok.decode([tid], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        print(f"[{k}] target {text!r}: logit {float(matrix.target_logits[k]):.4g}, "
+              f"probability {float(matrix.target_probabilities[k]):.4g}")
+        row = matrix.relevance[k, :p + k]
+        for idx in row.abs().argsort(descending=True)[:top].tolist():
+            print(f"    {idx:>5}  {matrix.tokens[idx]!r:<20} {float(row[idx]):+.4g}")
+
+
+def _write_viewer(matrix, path: str) -> None:
+    """The interactive viewer at ``path`` and the relevance matrix as JSON beside it."""
+    from ..explanations.viewer import write_viewer
+    json_path = os.path.splitext(path)[0] + ".json"
+    try:
+        write_viewer(matrix, path)
+        print(f"wrote {path}")
+        matrix.to_json(json_path)
+        print(f"wrote {json_path}")
+    except ValueError as err:  # a NaN in the relevance
+        raise CLIError(str(err).splitlines()[0]) from None
+    except OSError as err:
+        raise CLIError(f"cannot write {err.filename or path!r}: {err.strerror or err}") from None
