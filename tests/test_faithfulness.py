@@ -199,6 +199,24 @@ def test_flat_prompts_are_left_out(tok):
         perturbation_curves(flat, tok, ["k1 k2", "k3 k2"], ["random"])
 
 
+def test_a_flat_prompt_is_skipped_with_a_warning(additive, tok):
+    """k4 and k5 contribute 0: that prompt is left out, the other keeps its hand value 2/9."""
+    with pytest.warns(UserWarning, match=r"1 of 2 prompt\(s\) left out"):
+        r = perturbation_curves(additive, tok, ["k1 k2 k3", "k4 k5"], ["gradxinput"],
+                                targets=["k1", "k1"])
+    assert r.skipped == [1] and r.summary()[0]["prompts"] == 1
+    assert r.abpc("gradxinput") == pytest.approx(2 / 9, abs=1e-9)
+
+
+def test_non_finite_scores_are_an_error(tok):
+    model = AdditiveLM(tok, "k1")
+    with torch.no_grad():
+        model.embed.weight[tok.pad_token_id] = float("inf")
+    with pytest.raises(FaithfulnessError, match="non-finite target logit"):
+        perturbation_curves(model, tok, ["k1 k2 k3"], ["random"], removal="replace",
+                            baseline_token="<pad>")
+
+
 # ----------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("kw, needle", [

@@ -312,13 +312,14 @@ def _scores(model, base: torch.Tensor, replacement: torch.Tensor, removed: torch
     """The target's score for each row of ``removed`` ([rows, L] bool), without gradient."""
     out = []
     per_forward = max(1, forward_tokens // removed.shape[1])
-    for start in range(0, removed.shape[0], per_forward):
-        rows = removed[start:start + per_forward]
-        embeds = torch.where(rows[..., None], replacement, base)
-        mask = torch.ones(rows.shape, dtype=torch.long, device=base.device)
-        last = _forward(model, embeds, mask, 1)[:, -1].float()
-        out.append(last[:, target] if score == "logit"
-                   else torch.softmax(last, dim=-1)[:, target])
+    with torch.no_grad():  # no graph: the parameters of an unpatched model require grad
+        for start in range(0, removed.shape[0], per_forward):
+            rows = removed[start:start + per_forward]
+            embeds = torch.where(rows[..., None], replacement, base)
+            mask = torch.ones(rows.shape, dtype=torch.long, device=base.device)
+            last = _forward(model, embeds, mask, 1)[:, -1].float()
+            out.append(last[:, target] if score == "logit"
+                       else torch.softmax(last, dim=-1)[:, target])
     return torch.cat(out).cpu().double()
 
 
@@ -350,8 +351,11 @@ def _prompt_curves(model, prompt: str, token_ids: List[int], target: int,
             rank = torch.full((width,), width + 1, dtype=torch.long)
             rank[pos[order]] = torch.arange(n)   # place of each position in the order
             rows.append(rank[None, :] < inner[:, None])
-    y = _scores(model, base, replacement, torch.cat(rows).to(dev), target, score,
-                forward_tokens).tolist()
+    y = _scores(model, base, replacement, torch.cat(rows).to(dev), target, score, forward_tokens)
+    if not torch.isfinite(y).all():
+        raise FaithfulnessError(f"the model gave a non-finite target {score} on a perturbed copy "
+                                f"of prompt {prompt!r}; check the weights and dtype (float32 is safest)")
+    y = y.tolist()
     y0, ys, rest = y[0], y[1], y[2:]
     k = len(counts) - 2
     out = {}
