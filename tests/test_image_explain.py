@@ -189,6 +189,7 @@ def test_cli_bad_input_is_one_line(capsys, tmp_path, folders, photo):
         ((photo, "--model", str(tmp_path / "nomodel"), "--caption", "a dog"), "no such folder"),
         ((photo, "--model", clip), "pass captions="),
         ((photo, "--model", clip, "--caption", "a dog", "--target", "a bus"), "not one of"),
+        ((photo, "--model", clip, "--caption", "a dog", "--device", "nodevice"), "--device 'nodevice'"),
     ]
     for argv, needle in cases:
         code, out, err = run_cli(capsys, *argv)

@@ -41,6 +41,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="attnlrp (default) or cp-lrp (no relevance through the attention softmax)")
     p.add_argument("--epsilon", type=positive_float, default=DEFAULT_EPSILON,
                    help=f"LRP stabiliser, a finite number > 0 (default: {DEFAULT_EPSILON:g})")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     p.add_argument("--top", type=int_at_least(0), default=5, metavar="K",
                    help="how many caption tokens to print (default: 5)")
     p.set_defaults(func=run)
@@ -108,7 +109,14 @@ def run(args) -> int:
         image = load_image(args.image)  # a bad image fails before the model loads
     except ExplainError as err:
         raise CLIError(str(err)) from None
+    import torch
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as err:
+        raise CLIError(f"--device {device!r} is not usable here: {str(err).splitlines()[0]}") from None
     model, processor, tokenizer = load(args.model, args.caption is not None)
+    model.to(device)
     try:
         exp = explain_image(model, processor, image, args.caption, target=_target(args.target),
                             tokenizer=tokenizer, rules=args.rules, epsilon=args.epsilon)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -293,6 +294,16 @@ def explain_image(model, processor, image, captions: Optional[Union[str, Sequenc
         return _explain_vision(model, processor, pixels, target, rules, epsilon, backend, strict, device, dtype)
 
 
+def _checked(relevance: torch.Tensor, score: float) -> torch.Tensor:
+    """The pixel relevance, never silently NaN or all zero."""
+    if not torch.isfinite(relevance).all():
+        raise ExplainError("the pixel relevance is not finite (NaN/Inf); try float32 or a larger epsilon")
+    if score != 0 and not relevance.any():
+        warnings.warn("every pixel relevance is exactly 0 although the explained value is not: it does "
+                      "not depend on the pixels through this model's gradient", stacklevel=3)
+    return relevance
+
+
 def _explain_dual(model, processor, tok, pixels, caps, target, rules, epsilon, backend, strict, device, dtype):
     siglip = model.config.model_type == "siglip"
     limit = model.config.text_config.max_position_embeddings
@@ -325,8 +336,8 @@ def _explain_dual(model, processor, tok, pixels, caps, target, rules, epsilon, b
     if siglip:  # SigLIP pools the last position: its padding is part of the caption
         real = torch.ones_like(real)
     return ImageExplanation(
-        relevance=(x.detach() * gx).float().sum(1)[0].cpu(), image=_seen_image(pixels, processor),
-        target=caps[index], score=float(values[index]), rules=rules, captions=caps,
+        relevance=_checked((x.detach() * gx).float().sum(1)[0].cpu(), float(values[index])),
+        image=_seen_image(pixels, processor), target=caps[index], score=float(values[index]), rules=rules, captions=caps,
         logits=values.tolist(), probabilities=probs.tolist(),
         tokens=_caption_tokens(tok, row[real].tolist()), token_relevance=token_rel[real],
         meta={"objective": "image-text similarity logit", "target_index": index,
@@ -364,6 +375,6 @@ def _explain_vision(model, processor, pixels, target, rules, epsilon, backend, s
             raise ExplainError("the model produced a non-finite value for the target; check its weights and dtype")
         gx, = torch.autograd.grad(objective, [x])
     return ImageExplanation(
-        relevance=(x.detach() * gx).float().sum(1)[0].cpu(), image=_seen_image(pixels, processor),
-        target=what, score=float(objective.detach()), rules=rules,
+        relevance=_checked((x.detach() * gx).float().sum(1)[0].cpu(), float(objective.detach())),
+        image=_seen_image(pixels, processor), target=what, score=float(objective.detach()), rules=rules,
         logits=[] if values is None else values.tolist(), probabilities=probs, meta=meta)
