@@ -13,7 +13,9 @@ from lrp_kernels.cli import main
 from lrp_kernels.explanations.api import ExplainError
 from lrp_kernels.explanations.image import ImageError, explain_image
 
-from helpers.dual_encoders import (build_dinov2, build_dual, image_processor, images, reference_dual, save_tiny,
+import transformers as tr
+
+from helpers.dual_encoders import (TEXT, VISION, build_dinov2, build_dual, image_processor, images, reference_dual, save_tiny,
                                    similarity_relevance, tiny_tokenizer)
 from helpers.models import build, reference_model
 
@@ -68,8 +70,9 @@ def test_similarity_matches_reference(name):
     assert all(p.requires_grad for p in model.parameters()) and all(p.grad is None for p in model.parameters())
 
 
-def test_embedding_norm_and_class_logit_match_reference():
-    """DINOv2's embedding norm (``e . e/|e|``, the unit vector a constant) and a ViT class logit."""
+def test_embedding_norm_and_class_logits_match_reference():
+    """DINOv2's embedding norm (``e . e/|e|``, the unit vector a constant), a ViT class logit and
+    a CLIP classifier's (a "clip" model type without captions)."""
     model = build_dinov2(classifier=False)
     pixels = images(batch=1)
     x = pixels.clone().requires_grad_(True)
@@ -85,6 +88,17 @@ def test_embedding_norm_and_class_logit_match_reference():
     reference_model(vit)(pixel_values=x).logits[0, 2].backward()
     exp = explain_image(vit, None, pixels, target=2, epsilon=1e-12)
     assert exp.meta["objective"] == "class logit" and exp.target == vit.config.id2label[2]
+    assert _rel_err(exp.relevance.double(), (x * x.grad)[0].sum(0)) < 1e-5
+
+    torch.manual_seed(0)
+    config = tr.CLIPConfig(vision_config=VISION, text_config=dict(TEXT), num_labels=3)
+    clf = tr.CLIPForImageClassification(config).double().eval()
+    pixels = images(batch=1)
+    x = pixels.clone().requires_grad_(True)
+    logits = reference_model(clf)(pixel_values=x).logits[0]
+    logits[int(logits.argmax())].backward()
+    exp = explain_image(clf, None, pixels, epsilon=1e-12)
+    assert exp.meta["target_index"] == int(logits.argmax())
     assert _rel_err(exp.relevance.double(), (x * x.grad)[0].sum(0)) < 1e-5
 
 

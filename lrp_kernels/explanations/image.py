@@ -278,9 +278,11 @@ def explain_image(model, processor, image, captions: Optional[Union[str, Sequenc
     if rules not in LRP_RULES:
         raise ExplainError(f"rules must be one of {LRP_RULES}, got {rules!r}")
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    dual = model_type in DUAL_TYPES
+    # CLIPModel / SiglipModel (not their classifiers, which share the model type)
+    dual = model_type in DUAL_TYPES and hasattr(model, "text_model") and hasattr(model, "vision_model")
     if captions is not None and not dual:
-        raise ExplainError(f"captions need an image-text model (CLIP, SigLIP); this is a {model_type!r} model")
+        raise ExplainError(f"captions need an image-text model (CLIPModel, SiglipModel); this is a "
+                           f"{type(model).__name__} ({model_type!r})")
     if dual and captions is None:
         raise ExplainError(f"a {model_type!r} image-text model explains an image against captions: pass captions=")
     pixels = _pixel_values(model, processor, image)
