@@ -117,3 +117,6 @@ def test_explain_generate_writes_one_viewer(tmp_path, capsys):
     assert matrix["prompt_length"] == data["prompt_length"] == 12
     code, _, err = run_cli(capsys, "explain", "k4 17 ; ? k4", "--generate", "2", "--target", "17")
     one_line_error(code, err, "explain", "--generate picks its own targets")
+    code, _, err = run_cli(capsys, "explain", "k4 17 ; ? k4", "--generate", "60", "--out",
+                           str(tmp_path / "long.html"), "--no-progress")
+    one_line_error(code, err, "explain", "60 generated tokens", "limit of 64")

@@ -143,6 +143,23 @@ def test_token_goes_to_the_segment_it_overlaps_most():
     torch.testing.assert_close(agg[0], r[0, 3:4])
 
 
+@given(st.lists(st.text(alphabet="ab ", min_size=1, max_size=4), min_size=1, max_size=12),
+       st.lists(st.integers(0, 40), max_size=10), st.integers(0, 2 ** 16))
+def test_aggregate_matches_brute_force_ownership(pieces, cuts, seed):
+    """Random tokens and random disjoint segments: each token's owner found by checking every
+    segment (largest overlap, first on a tie) gives the same sums as aggregate's search."""
+    m = make_matrix(pieces, ["!"], seed=seed)
+    n = len(m.text)
+    bounds = sorted({min(c, n) for c in cuts})
+    segs = [(a, b) for a, b in zip(bounds[::2], bounds[1::2]) if a < b]
+    expected = torch.zeros(1, len(segs), dtype=torch.float64)
+    for t, (a, b) in enumerate(S.token_spans(m)[:m.prompt_length]):
+        overlaps = [max(0, min(b, e) - max(a, s)) for s, e in segs]
+        if overlaps and max(overlaps) > 0:
+            expected[0, overlaps.index(max(overlaps))] += float(m.relevance[0, t])
+    torch.testing.assert_close(S.aggregate(m, segs[::-1]), expected.flip(1))
+
+
 def test_answer_sentences_assignment():
     m = make_matrix(["Q", "?"], [" It", " is", " red", ".", " Yes", ".", ""], seed=3)
     sents = S.answer_sentences(m)
