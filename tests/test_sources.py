@@ -328,3 +328,45 @@ def test_known_answer_per_sentence(shipped):
         assert [s.sentence.text for s in report.sentences] == [pairs[q1][1], pairs[q2][1]]
         hits += [s.top[0].id for s in report.sentences] == [str(q1 + 1), str(q2 + 1)]
     assert hits >= 9
+
+
+def test_end_to_end_byte_level_bpe_qa_template():
+    """A byte-level BPE tokenizer (offsets that include the leading space, non-ASCII text) and a
+    random tiny Llama, with the "qa" template and a generated answer: every document's relevance
+    is the sum over the tokens whose character span touches it (in this template no token
+    touches two documents), computed here from the tokenizer's offsets."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from lrp_kernels.explanations.matrix import explain_matrix
+    from lrp_kernels.explanations.viewer import viewer_data
+
+    docs = ["Köln liegt am Rhein. Es ist alt.", "Paris lies on the Seine.", "Berlin is big."]
+    question = "Which river is in Köln?"
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    corpus = docs + [question, "Document [1]: Question: Answer:"]
+    bpe.train_from_iterator(corpus * 3, trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>")
+    torch.manual_seed(2)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=2,
+                                         num_key_value_heads=2, max_position_embeddings=256)).eval()
+    report = S.explain_sources(model, tok, docs, question, generate=6, level="document", top=3)
+    m = report.matrix
+    sp = S.build_prompt(docs, question)
+    assert report.prompt == sp.prompt and m.text.startswith(sp.prompt)
+    spans = S.token_spans(m)
+    assert any(m.text[a] == " " for a, b in spans[:m.prompt_length] if b > a)  # leading spaces
+    for s in report.sentences:
+        token_rel = m.relevance[s.sentence.rows].double().sum(0)
+        by_id = {x.id: x for x in s.sources}
+        for d in sp.documents:
+            touching = [t for t, (a, b) in enumerate(spans[:m.prompt_length])
+                        if min(b, d.end) > max(a, d.start)]
+            assert touching
+            assert by_id[d.id].relevance == pytest.approx(float(token_rel[touching].sum()),
+                                                          abs=1e-6)
+    data = viewer_data(report)
+    assert data["tokens"] == m.tokens and len(data["rows"]) == m.continuation_length
