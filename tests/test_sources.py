@@ -337,7 +337,6 @@ def test_end_to_end_byte_level_bpe_qa_template():
     touches two documents), computed here from the tokenizer's offsets."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    from lrp_kernels.explanations.matrix import explain_matrix
     from lrp_kernels.explanations.viewer import viewer_data
 
     docs = ["Köln liegt am Rhein. Es ist alt.", "Paris lies on the Seine.", "Berlin is big."]

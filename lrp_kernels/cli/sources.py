@@ -180,13 +180,15 @@ def run(args) -> int:
                            f"{', '.join(map(repr, unknown[:5]))} in {what} (it would become "
                            f"{tok.unk_token!r}){hint}")
     generate = None if answer is not None else (args.generate or DEFAULT_GENERATE)
-    bar = progress = None
+    bar = None
     if not args.no_progress:
-        from tqdm.auto import tqdm
         import sys
+
+        from tqdm.auto import tqdm
         bar = tqdm(desc="explaining answer tokens", file=sys.stderr)
 
-        def progress(done, total):
+    def progress(done, total):
+        if bar is not None:
             bar.total = total
             bar.update(done - bar.n)
     from ..explanations.matrix import explain_matrix
