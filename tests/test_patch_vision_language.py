@@ -126,3 +126,25 @@ def test_batched_vision_classifier_equals_each_image_alone(family):
     with lrp_kernels.patch(model, epsilon=EPS):
         # target: each row's top logit (helpers.models.target), so rows stay independent
         _alone_vs_batched(lambda rows: relevance(model, kind, {"pixel_values": pixels[rows]})[0]["pixel_values"], 3)
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_relevance_view_seeds_the_similarity(name):
+    """``patch(view="relevance")``: seeding ``logits_per_image`` (or ``logits_per_text``) with a
+    logit's relevance gives ``pixel_values.grad`` = the gradient view's ``x * x.grad``."""
+    model = build_dual(name)
+    text, pixels, pick = captions(), images(batch=2), torch.tensor([1, 2])
+    with lrp_kernels.patch(model, epsilon=EPS):
+        want, _, _ = similarity_relevance(model, text, pixels, pick, with_text=False)
+    rows = torch.arange(2)
+    for side in ("logits_per_image", "logits_per_text"):
+        with lrp_kernels.patch(model, epsilon=EPS, view="relevance"):
+            x = pixels.clone().requires_grad_(True)
+            logits = getattr(model(pixel_values=x, **text), side)
+            seed = torch.zeros_like(logits)
+            if side == "logits_per_image":
+                seed[rows, pick] = logits[rows, pick].detach()
+            else:
+                seed[pick, rows] = logits[pick, rows].detach()
+            logits.backward(seed)
+        torch.testing.assert_close(x.grad, want, rtol=1e-9, atol=1e-14)

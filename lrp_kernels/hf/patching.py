@@ -272,12 +272,19 @@ class _RelevanceAtOutput(torch.autograd.Function):
 
 
 def _wrap_model_output(output: Any, epsilon: float) -> Any:
-    """The model output with its relevance carrier (``logits``, else ``last_hidden_state``, else
-    the first floating tensor) behind the output boundary."""
+    """The model output with its relevance carrier (``logits``, else an image-text model's
+    similarity matrix, else ``last_hidden_state``, else the first floating tensor) behind the
+    output boundary."""
     def wrap(t):
         return _RelevanceAtOutput.apply(t, epsilon)
     if isinstance(output, torch.Tensor):
         return wrap(output)
+    per_text = None if isinstance(output, tuple) else getattr(output, "logits_per_text", None)
+    if isinstance(per_text, torch.Tensor) and per_text.is_floating_point():
+        # CLIP / SigLIP: one similarity matrix, returned both ways round
+        per_text = wrap(per_text)
+        output.logits_per_text, output.logits_per_image = per_text, per_text.t()
+        return output
     for key in ("logits", "last_hidden_state"):
         value = getattr(output, key, None) if not isinstance(output, tuple) else None
         if isinstance(value, torch.Tensor) and value.is_floating_point():
@@ -399,7 +406,8 @@ def patch(model: nn.Module, rules: str = "attnlrp", epsilon: float = DEFAULT_EPS
             tensor) and ``inputs_embeds.grad`` *is* the relevance. Inside the model both are the
             same rules; the relevance view adds two boundaries: on the ``inputs_embeds``
             (``decoder_inputs_embeds``, ``pixel_values``) keyword arguments (``R = x * G``) and on the output's ``logits`` (or
-            ``last_hidden_state``; ``G = R / y``, which saves the logits for the backward).
+            CLIP / SigLIP's ``logits_per_image`` and ``logits_per_text``, or ``last_hidden_state``;
+            ``G = R / y``, which saves the logits for the backward).
 
     Returns:
         a :class:`PatchHandle` (context manager; ``remove()`` restores the model exactly).
