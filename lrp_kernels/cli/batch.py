@@ -133,6 +133,7 @@ def _warn_lines(what: str, problems, limit: int = 10) -> None:
 
 def run(args) -> int:
     from ..explanations import batch as B
+    from ..explanations.api import ExplainError
     from ..explanations.batch_store import format_for
     from .explain import SHIPPED_MODEL, load
 
@@ -149,8 +150,10 @@ def run(args) -> int:
             max_batch_size=args.max_batch_size or B.DEFAULT_MAX_BATCH_SIZE, format=fmt,
             strict=args.strict, progress=not args.quiet, shard=args.shard)
     except B.BatchError as err:
-        raise CLIError(f"{args.input}: {err}" if str(err).startswith(("malformed", "cannot explain"))
+        raise CLIError(f"{args.input}: {err}" if str(err).startswith(("malformed", "cannot explain", "explain refused"))
                        else str(err)) from None
+    except ExplainError as err:
+        raise CLIError(str(err)) from None
     except Exception as err:
         from ..backends.dispatch import BackendUnavailableError
         from ..hf.patching import UnsupportedModelError
