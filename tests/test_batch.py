@@ -278,3 +278,11 @@ def test_cli_mistakes_are_one_line(argv, needle, tmp_path, monkeypatch, capsys):
     assert code == 2 and len(err) == 1 and err[0].startswith("lrp-kernels batch: error:"), err
     assert needle in err[0]
     assert not os.path.exists("o.jsonl")
+
+
+def test_cli_help_lists_every_option(capsys):
+    assert main(["batch", "--help"]) == 0
+    text = capsys.readouterr().out
+    for opt in ("--out", "--format", "--model", "--rules", "--max-tokens", "--max-batch-size",
+                "--strict", "--shard", "--quiet", "accelerate launch", "torchrun", '"prompt"'):
+        assert opt in text, opt
