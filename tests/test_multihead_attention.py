@@ -322,6 +322,22 @@ def test_patch_installs_the_rule_on_any_model_with_mha():
     torch.testing.assert_close(xx.grad, sum(r), **F64)
 
 
+@pytest.mark.parametrize("attention", ["exact", "platform"])
+@pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
+def test_constant_query_gives_the_keys_all_score_relevance(attention, rule):
+    """A learned probe as the only query (SigLIP's pooling head): the uniform rule of Q @ K^T with
+    a constant factor gives K all of it (not half), on both paths."""
+    m, _, x, _, _ = build("self", seed=19)
+    probe = torch.randn(1, 1, SIZES["E"], dtype=torch.float64)
+    q = probe.expand(1, x.shape[1], SIZES["E"])  # [L=1, B, E]: the module is not batch-first
+    _, seed_out, (_, rk, rv) = oracle_mha(m, q, x, x, {}, seed=20, view="G", cp=rule == "cp-lrp",
+                                          constant_query=True)
+    xx = x.detach().clone().requires_grad_(True)
+    out, _ = multihead_attention(m, q, xx, xx, rule=rule, relevance=False, attention=attention)
+    out.transpose(0, 1).backward(seed_out)
+    torch.testing.assert_close(xx.grad.transpose(0, 1), rk + rv, **F64)
+
+
 def test_rule_and_view_are_checked():
     m = nn.MultiheadAttention(4, 2)
     x = torch.randn(3, 1, 4)

@@ -26,6 +26,7 @@ computes exactly what the unpatched one does.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 
@@ -195,18 +196,44 @@ def install_activation(handle, name: str, module: nn.Module) -> None:
     handle.rebind(module, make)
 
 
+@contextlib.contextmanager
+def _as_before_the_patch(handle, module: nn.Module):
+    """The module's parameters with ``requires_grad`` as before the patch froze them: torch's
+    MultiheadAttention takes another kernel path (other bits) when no weight requires grad."""
+    frozen = {id(p) for p in handle.frozen}
+    thawed = [p for p in module.parameters() if id(p) in frozen and not p.requires_grad]
+    for p in thawed:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in thawed:
+            p.requires_grad_(False)
+
+
 def install_multihead_attention(handle, name: str, module: nn.MultiheadAttention) -> None:
-    """AttnLRP / CP-LRP (``handle.rules``) on a ``torch.nn.MultiheadAttention``, gradient view;
-    ``attention="exact"`` takes the exact block, otherwise the platform path (SDPA)."""
+    """AttnLRP / CP-LRP (``handle.rules``) on a ``torch.nn.MultiheadAttention`` (any model that
+    contains one), gradient view: the gradient is :func:`lrp_kernels.ops.multihead.multihead_attention`'s
+    (``attention="exact"``: the exact block, otherwise the platform path over SDPA), the forward
+    values are the module's own, bit for bit (one more attention forward, without a graph)."""
     from ..ops.multihead import multihead_attention
+    from .attention import _ModelValuesFn
     path = "exact" if handle.attention == "exact" else "platform"
 
-    def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
-                average_attn_weights=True, is_causal=False):
-        return multihead_attention(module, query, key, value, key_padding_mask, need_weights, attn_mask,
-                                   average_attn_weights, is_causal, rule=handle.rules, epsilon=handle.epsilon,
-                                   relevance=False, attention=path, backend=handle.backend)
-    handle.rebind(module, lambda orig: forward)
+    def make(orig):
+        def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                    average_attn_weights=True, is_causal=False):
+            out, _ = multihead_attention(module, query, key, value, key_padding_mask, False, attn_mask,
+                                         average_attn_weights, is_causal, rule=handle.rules,
+                                         epsilon=handle.epsilon, relevance=False, attention=path,
+                                         backend=handle.backend)
+            with torch.no_grad(), _as_before_the_patch(handle, module):
+                values, weights = orig(query, key, value, key_padding_mask=key_padding_mask,
+                                       need_weights=need_weights, attn_mask=attn_mask,
+                                       average_attn_weights=average_attn_weights, is_causal=is_causal)
+            return _ModelValuesFn.apply(out, values.to(out.dtype)), weights
+        return forward
+    handle.rebind(module, make)
 
 
 def install_dropout(handle, name: str, module: nn.Module) -> None:

@@ -32,7 +32,11 @@ What the module's options mean here:
 * ``need_weights``: the attention weights are returned (averaged over heads when
   ``average_attn_weights``), computed without a graph: they are a by-product, no relevance flows
   through them;
-* attention dropout is not applied (an explanation explains the deterministic model).
+* attention dropout is not applied (an explanation explains the deterministic model);
+* a constant query or key (one that does not require grad, e.g. a learned probe as the only
+  query: SigLIP's pooling head) gives the other factor of ``Q @ K^T`` all of the score relevance,
+  as the uniform rule does for a product with a constant; this takes the eager composition of
+  the per-op rules (N x M scores; also on the platform path).
 
 The out-projection is the ``out_proj`` module when a hook rule (:mod:`lrp_kernels.hooks`, or the
 Zennit compatibility layer) is registered on it, so a ``LayerMapComposite`` that puts Gamma on
@@ -189,6 +193,9 @@ def multihead_attention(module: nn.MultiheadAttention, query: torch.Tensor, key:
         q = lin(query, Wq, bq, epsilon, relevance=relevance, backend=backend)
         k = lin(key, Wk, bk, epsilon, relevance=relevance, backend=backend)
         v = lin(value, Wv, bv, epsilon, relevance=relevance, backend=backend)
+    # parameters receive no relevance: a projection of an input that carries none is a constant
+    # (also when the module's weights require grad)
+    q, k, v = (t if x.requires_grad else t.detach() for t, x in ((q, query), (k, key), (v, value)))
     extra = 0
     if module.bias_k is not None:  # one learned key / value per sequence: constants
         k = torch.cat([k, module.bias_k.detach().to(k.dtype).expand(B, 1, E)], dim=1)
@@ -205,14 +212,18 @@ def multihead_attention(module: nn.MultiheadAttention, query: torch.Tensor, key:
         return t.reshape(B, t.shape[1], H, d).transpose(1, 2)
 
     q, k, v = heads(q), heads(k), heads(v)
-    if attention == "platform":
+    # a constant query or key (a learned probe, SigLIP's pooling head): the uniform rule of
+    # Q @ K^T gives the other factor all of the score relevance; the eager composition of the
+    # per-op rules does, the fused paths and the platform path split it in two
+    one_constant = q.requires_grad != k.requires_grad
+    if attention == "platform" and not one_constant:
         sdpa_mask = None if mask is None else mask.to(q.dtype)
         o = attnlrp_platform(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=sdpa_mask),
                              q, k, v, epsilon=epsilon, rule=rule, backend=backend)
     else:
         # the eager reference's relevance view puts Deep Taylor on the biased logit; the fused
         # paths follow the contract (relevance passes the additive mask unchanged)
-        impl = "chunked" if relevance and _finite_bias(mask) else "auto"
+        impl = "eager" if one_constant else "chunked" if relevance and _finite_bias(mask) else "auto"
         o = attnlrp_attention(q, k, v, mask, epsilon=epsilon, rule=rule, relevance=relevance, impl=impl,
                               backend=backend if impl == "auto" else None)
     o = o.transpose(1, 2).reshape(B, L, E)

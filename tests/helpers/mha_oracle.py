@@ -38,11 +38,25 @@ def _allowed_and_bias(m, call, B, L, S):
     return allowed, bias
 
 
-def oracle_mha(m, q, k, v, call, seed, view: str, cp: bool = False):
+def _attention_G_constant_query(Q, K, V, G_O, scale, eps, allowed, bias, cp):
+    """attention_G with a constant Q: the uniform rule of Q @ K^T gives K all of the score
+    relevance (share 1)."""
+    Q, Kr, Vr, S0, x, S, P, Oh, G = O._attention_forward(Q, K, V, scale, allowed, bias, None)
+    if cp:
+        _, GVr = O.matmul_G(P, Vr, G_O, EPS, share=1.0)
+        return Oh, torch.zeros_like(Q), torch.zeros_like(K.double()), GVr
+    GP, GVr = O.matmul_G(P, Vr, G_O, eps)
+    GS = O.softmax_G(S, GP, dim=-1)
+    _, GKt = O.matmul_G(Q, Kr.transpose(-1, -2), scale * GS, eps, share=1.0)
+    return Oh, torch.zeros_like(Q), GKt.transpose(-1, -2), GVr
+
+
+def oracle_mha(m, q, k, v, call, seed, view: str, cp: bool = False, constant_query: bool = False):
     """``(output, seed, (query, key, value) relevance or modified gradient)``, batch-first
     float64, of ``nn.MultiheadAttention`` ``m`` from the oracle's epsilon rule (projections) and
     attention block. ``call``: the module call's masks; ``seed``: the output seed (a tensor, or an
-    int drawing a random one); ``view``: "G" (gradient) or "R" (relevance); ``cp``: CP-LRP."""
+    int drawing a random one); ``view``: "G" (gradient) or "R" (relevance); ``cp``: CP-LRP;
+    ``constant_query``: the query is a constant (gradient view only)."""
     bf = m.batch_first
     q, k, v = ((t if bf else t.transpose(0, 1)).double() for t in (q, k, v))
     E, H = m.embed_dim, m.num_heads
@@ -83,7 +97,8 @@ def oracle_mha(m, q, k, v, call, seed, view: str, cp: bool = False):
         seed_out = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     if view == "G":
         Go = O.linear_epsilon_G(o, Wo, bo, seed_out, EPS)
-        _, GQ, GK, GV = O.attention_G(Q, K, V, heads(Go), scale, EPS, allowed, bias, cp=cp)
+        attention = _attention_G_constant_query if constant_query else O.attention_G
+        _, GQ, GK, GV = attention(Q, K, V, heads(Go), scale, EPS, allowed, bias, cp=cp)
         proj = O.linear_epsilon_G
     else:
         Ro = O.linear_epsilon_R(o, Wo, bo, seed_out, EPS)
