@@ -28,6 +28,7 @@ PUBLIC_MODULES = {
     "lrp_kernels.hf.families", "lrp_kernels.hf.latent", "lrp_kernels.explanations.api",
     "lrp_kernels.explanations.heatmap", "lrp_kernels.explanations.imaging",
     "lrp_kernels.explanations.sources", "lrp_kernels.explanations.viewer",
+    "lrp_kernels.explanations.matrix", "lrp_kernels.compat.captum",
     "lrp_kernels.tools.check", "lrp_kernels.tools.compare", "lrp_kernels.tools.profile",
 }
 
