@@ -39,7 +39,7 @@ import json
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -47,6 +47,9 @@ import torch
 from .api import ExplainError, LRP_RULES, _keep_parameters, _patch_context
 from .heatmap import clean_tokens
 from .imaging import diverging_colors, tile_grid
+
+if TYPE_CHECKING:  # Pillow is imported where an image is read
+    import PIL.Image
 
 __all__ = ["explain_image", "ImageExplanation", "ImageError", "IMAGE_MODES"]
 
