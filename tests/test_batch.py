@@ -6,6 +6,7 @@ Interrupting a real process and the accelerate launch are in tests/test_batch_pr
 """
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -254,6 +255,7 @@ def test_cli_writes_progress_and_summary_and_resumes(records, reference, tmp_pat
     assert f"explained {len(records) - 1} prompts" in text and "1 already in" in text
     assert "1 malformed lines skipped" in text and f"wrote {out} ({len(records)} explanations)" in text
     assert "ex/s" in err and f"{len(records) - 1}/{len(records) - 1}" in err   # tqdm: rate, count
+    assert re.search(r"\d\d:\d\d<\d\d:\d\d", err)                       # elapsed<ETA
     assert f"warning: skipped {data} line {len(records) + 1}: not valid JSON" in err
     code = main(["batch", data, "--out", str(out), "--quiet"])
     text, err = capsys.readouterr()
