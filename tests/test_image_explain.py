@@ -210,3 +210,37 @@ def test_cli_bad_input_is_one_line(capsys, tmp_path, folders, photo):
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1, (argv, err)
         assert lines[0].startswith("lrp-kernels explain-image: error:") and needle in lines[0], lines[0]
+
+
+# ----------------------------------------------------------------------------- invariant
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_WORDS = ["a", "dog", "cat", "car", "photo", "of", "the"]
+_caption = st.lists(st.sampled_from(_WORDS), min_size=1, max_size=5).map(" ".join)
+
+
+@settings(max_examples=3)  # about 1 s per example on a quiet CPU
+@given(target=_caption, others=st.lists(_caption, min_size=1, max_size=3), order=st.randoms())
+def test_a_captions_explanation_does_not_depend_on_the_other_captions(target, others, order):
+    """The explained similarity logit depends on its own caption only: other captions, their
+    order and (CLIP) the padding they add after its end-of-text token change nothing."""
+    model, tok = _cached_clip()
+    pixels = images(batch=1, seed=4)[0]
+    alone = explain_image(model, None, pixels, [target], tokenizer=tok, target=0)
+    captions = [target] + others
+    order.shuffle(captions)
+    index = captions.index(target)
+    among = explain_image(model, None, pixels, captions, tokenizer=tok, target=index)
+    assert among.tokens == alone.tokens and abs(among.score - alone.score) < 1e-9
+    torch.testing.assert_close(among.relevance, alone.relevance, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(among.token_relevance, alone.token_relevance, rtol=1e-6, atol=1e-9)
+
+
+_CLIP = []
+
+
+def _cached_clip():
+    if not _CLIP:
+        _CLIP.append((build_dual("clip"), tiny_tokenizer()))
+    return _CLIP[0]
