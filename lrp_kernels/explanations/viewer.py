@@ -12,7 +12,8 @@ with its own scale and stored base64, only the entries before the row's position
 the only non-zero ones); the context is rendered once, and a selection only changes the CSS
 class of the tokens whose colour changes, in one ``requestAnimationFrame``. Values shown on
 hover are the quantised ones (within ``scale / 254`` of the exact relevance; the exact
-numbers are in the JSON files written beside the viewer).
+numbers are in the JSON files written beside the viewer). "most relevant token" scrolls to the
+selection's largest positive relevance; with a token pinned, the arrow keys move it.
 
 Deep links: ``viewer.html#token=K`` opens with answer token ``K`` (0-based) selected,
 ``#sentence=S`` with answer sentence ``S``.
@@ -117,6 +118,7 @@ font-size:15px;line-height:1.9;max-height:22vh;overflow:auto}
 .a:hover{outline:1px solid #888}
 .a.sel{outline:2px solid #000}
 #lrp-legend{display:flex;align-items:center;gap:.6em;font-size:12px;color:var(--muted);margin-top:.3em}
+#lrp-jump{font-size:12px;padding:1px 6px;cursor:pointer}
 #lrp-bar{width:200px;height:11px;border:1px solid #aaa;
 background:linear-gradient(to right,rgb(0,0,255),#fff,rgb(255,0,0))}
 main{display:flex;gap:1em;padding:1em 1.2em;align-items:flex-start}
@@ -159,6 +161,7 @@ const L = __LEVELS__, QMAX = __QMAX__, P = D.prompt_length, N = D.tokens.length;
 const ctx = document.getElementById("lrp-context"), ans = document.getElementById("lrp-answer");
 const status = document.getElementById("lrp-status"), srcPanel = document.getElementById("lrp-sources");
 const lo = document.getElementById("lrp-lo"), hi = document.getElementById("lrp-hi");
+const jump = document.getElementById("lrp-jump");
 const t0 = performance.now();
 const el = new Array(N);        // token elements: context (i < P) and answer (i >= P)
 const level = new Int8Array(N); // colour step now shown per token
@@ -241,6 +244,9 @@ function paint(){
   frame = 0;
   const sel = pending; if (!sel) return;
   const e = entryOf(sel), q = decode(e), f = L / QMAX;
+  let best = -1;
+  for (let i = 0; i < q.length; i++) if (best < 0 || q[i] > q[best]) best = i;
+  jump.dataset.i = best;
   for (let i = 0; i < N; i++){
     const lv = i < q.length ? Math.sign(q[i]) * Math.round(Math.abs(q[i]) * f) : 0;
     if (lv !== level[i]){
@@ -290,6 +296,18 @@ srcPanel.addEventListener("click", ev => {
   const r = ev.target.closest(".src");
   if (r && +r.dataset.first >= 0) el[+r.dataset.first].scrollIntoView({block: "center"});
 });
+// the most relevant token of the selection: scroll to it and outline it
+jump.addEventListener("click", () => {
+  const i = +jump.dataset.i; if (!(i >= 0)) return;
+  lit.forEach(x => x.classList.remove("hl")); lit = [el[i]];
+  el[i].classList.add("hl"); el[i].scrollIntoView({block: "center"});
+});
+// arrow keys move a pinned token selection
+document.addEventListener("keydown", ev => {
+  if (!pinned || pinned.kind !== "token" || (ev.key !== "ArrowLeft" && ev.key !== "ArrowRight")) return;
+  const k = pinned.i + (ev.key === "ArrowLeft" ? -1 : 1);
+  if (k >= 0 && k < N - P){ pinned = {kind: "token", i: k}; show(pinned); ev.preventDefault(); }
+});
 // value on hover, set lazily (no title on 10k spans up front)
 function onTip(ev){
   const t = ev.target; if (!t.classList || !(t.classList.contains("t") || t.classList.contains("a")) || !shown) return;
@@ -332,6 +350,7 @@ def viewer_html(source: Union[RelevanceMatrix, SourceReport], *,
             "<div id=\"lrp-legend\"><span id=\"lrp-lo\">0</span><span id=\"lrp-bar\"></span>"
             "<span id=\"lrp-hi\">0</span><span>relevance for the selection (red: for, blue: "
             "against; scaled to its largest |value|)</span>"
+            "<button id=\"lrp-jump\" type=\"button\">most relevant token</button>"
             "<span id=\"lrp-status\"></span></div></header>"
             "<main><section id=\"lrp-context-panel\"><h2>Context</h2>"
             "<div id=\"lrp-context\"></div></section>"
