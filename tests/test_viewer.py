@@ -228,3 +228,26 @@ def test_10k_context_opens_in_chromium(tmp_path):
                                       float(row[:m.prompt_length + 3].abs().max()))
     times = re.search(r'data-render-ms="([\d.]+)" data-paint-ms="([\d.]+)"', dom)
     print(f"10k tokens: render {times.group(1)} ms, first paint {times.group(2)} ms")
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="headless chromium not installed")
+def test_arrow_key_and_jump_in_chromium(tmp_path):
+    """A script appended to a copy of the page (test only) clicks answer token 2, presses
+    ArrowRight, then "most relevant token": the selection must be token 3 and the outlined
+    context token the largest entry of row 3, computed here."""
+    m = long_matrix(400, 8, seed=4)
+    doc = V.viewer_html(m)
+    hook = """<script>
+document.querySelector('.a[data-k="2"]').click();
+document.dispatchEvent(new KeyboardEvent("keydown", {key: "ArrowRight"}));
+setTimeout(() => {
+  document.getElementById("lrp-jump").click();
+  const lit = [...document.querySelectorAll("#lrp-context .t")].findIndex(x => x.classList.contains("hl"));
+  document.body.dataset.after = document.body.dataset.selection + "|" + lit;
+}, 100);
+</script></body>"""
+    page = tmp_path / "hook.html"
+    page.write_text(doc.replace("</body>", hook), encoding="utf-8")
+    dom = chromium("--virtual-time-budget=3000", "--dump-dom", page.as_uri())
+    best = int(m.relevance[3, :m.prompt_length + 3].argmax())
+    assert f'data-after="token:3|{best}"' in dom
