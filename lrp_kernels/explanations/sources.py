@@ -587,8 +587,9 @@ def explain_sources(model, tokenizer, documents, question: str, *,
                     answer: Optional[str] = None, generate: Optional[int] = None,
                     template: Union[PromptTemplate, str] = QA_TEMPLATE,
                     level: str = "document", top: int = 3, **options) -> SourceReport:
-    """Build the prompt (:func:`build_prompt`), explain the ``answer`` (a given text) or
-    ``generate`` greedily generated tokens with
+    """Build the prompt (:func:`build_prompt`), explain the ``answer`` (a given text, appended
+    to the prompt as it is: start it with a space after ``"Answer:"``) or ``generate``
+    greedily generated tokens with
     :func:`~lrp_kernels.explanations.matrix.explain_matrix` (``options``: its ``rules``,
     ``epsilon``, ``backend``, ``max_length``, ``memory_budget``, ``progress``, ``strict``),
     and attribute each answer sentence to its sources (:func:`attribute_sources`). The
