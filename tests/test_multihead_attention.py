@@ -14,6 +14,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import lrp_kernels
@@ -360,3 +362,53 @@ def test_rule_and_view_are_checked():
     with pytest.raises(RuntimeError, match="already has"):
         MultiheadAttentionRule().register(m)
     handle.remove()
+
+
+# ---- random shapes (Hypothesis) ---------------------------------------------------------------
+
+@settings(deadline=None)
+@given(data=st.data())
+def test_random_shapes_forward_and_gradient_view(data):
+    """Any heads x head size, batch, lengths, layout, self or cross attention, with or without
+    padding: the forward is the module's, the gradient view the oracle's (float64)."""
+    H, d = data.draw(st.integers(1, 3), "heads"), data.draw(st.integers(1, 3), "head_dim")
+    B, L = data.draw(st.integers(1, 2), "batch"), data.draw(st.integers(1, 4), "queries")
+    self_attn = data.draw(st.booleans(), "self")
+    S = L if self_attn else data.draw(st.integers(1, 4), "keys")
+    batch_first, rule = data.draw(st.booleans(), "batch_first"), data.draw(st.sampled_from(["attnlrp", "cp-lrp"]))
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2 ** 16), "seed"))
+    torch.manual_seed(0)
+    m = nn.MultiheadAttention(H * d, H, batch_first=batch_first).double().eval()
+    with torch.no_grad():
+        m.in_proj_bias.normal_(0, 0.3, generator=gen)
+        m.out_proj.bias.normal_(0, 0.3, generator=gen)
+    shape = (B, L, H * d) if batch_first else (L, B, H * d)
+    q = torch.randn(shape, dtype=torch.float64, generator=gen)
+    kv_shape = (B, S, H * d) if batch_first else (S, B, H * d)
+    k = q if self_attn else torch.randn(kv_shape, dtype=torch.float64, generator=gen)
+    call = {}
+    if data.draw(st.booleans(), "padding"):
+        kpm = torch.rand(B, S, generator=gen) < 0.5
+        kpm[:, 0] = False
+        call["key_padding_mask"] = kpm
+    with torch.no_grad():
+        ref = m(q, k, k, need_weights=False, **call)[0]
+    _, seed_out, r = oracle_mha(m, q, k, k, call, seed=gen.initial_seed() % 1000, view="G", cp=rule == "cp-lrp")
+
+    def fn(*a, **kw):  # the torch backend: no per-shape backend measurement for each random shape
+        return multihead_attention(m, *a, rule=rule, relevance=False, need_weights=False, backend="torch", **kw)
+    if self_attn:
+        out, grads = run_rule(fn, m, q, q, q, call, seed_out, True)
+        want = [sum(r)]
+    else:  # key and value are one tensor: its relevance sums both branches
+        x = k.detach().clone().requires_grad_(True)
+        qq = q.detach().clone().requires_grad_(True)
+        o, _ = fn(qq, x, x, **call)
+        (o if batch_first else o.transpose(0, 1)).backward(seed_out)
+        out = o if batch_first else o.transpose(0, 1)
+        grads = [g if batch_first else g.transpose(0, 1) for g in
+                 (torch.zeros_like(qq) if qq.grad is None else qq.grad, x.grad)]
+        want = [r[0], r[1] + r[2]]
+    torch.testing.assert_close(out.detach(), ref if batch_first else ref.transpose(0, 1), rtol=1e-12, atol=1e-12)
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g, w, **F64)
