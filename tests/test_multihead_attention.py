@@ -138,10 +138,13 @@ def test_unbatched_input_and_fully_masked_row():
     # a query row with every key masked: torch gives NaN; the rule outputs bias only, no NaN anywhere
     mask = torch.zeros(5, 5, dtype=torch.bool)
     mask[2] = True
-    out, _ = multihead_attention(m, x, x, x, attn_mask=mask, need_weights=False)
-    out.backward(out.detach())
-    assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
-    torch.testing.assert_close(out[2], m.out_proj.bias.detach())
+    for relevance, attention in ((True, "exact"), (False, "exact"), (False, "platform")):
+        x.grad = None
+        out, _ = multihead_attention(m, x, x, x, attn_mask=mask, need_weights=False, relevance=relevance,
+                                     attention=attention)
+        out.backward(out.detach())
+        assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
+        torch.testing.assert_close(out[2], m.out_proj.bias.detach())
 
 
 # ---- every path against the oracle -------------------------------------------------------------

@@ -36,7 +36,8 @@ What the module's options mean here:
 * a constant query or key (one that does not require grad, e.g. a learned probe as the only
   query: SigLIP's pooling head) gives the other factor of ``Q @ K^T`` all of the score relevance,
   as the uniform rule does for a product with a constant; this takes the eager composition of
-  the per-op rules (N x M scores; also on the platform path).
+  the per-op rules (N x M scores; also on the platform path). So does a query row with every
+  key masked on the platform path (SDPA would give NaN there).
 
 The out-projection is the ``out_proj`` module when a hook rule (:mod:`lrp_kernels.hooks`, or the
 Zennit compatibility layer) is registered on it, so a ``LayerMapComposite`` that puts Gamma on
@@ -216,7 +217,9 @@ def multihead_attention(module: nn.MultiheadAttention, query: torch.Tensor, key:
     # Q @ K^T gives the other factor all of the score relevance; the eager composition of the
     # per-op rules does, the fused paths and the platform path split it in two
     one_constant = q.requires_grad != k.requires_grad
-    if attention == "platform" and not one_constant:
+    # SDPA gives NaN for a query row with every key masked; the exact paths give 0 (no relevance)
+    dead_row = mask is not None and bool(torch.isneginf(mask).all(-1).any())
+    if attention == "platform" and not one_constant and not dead_row:
         sdpa_mask = None if mask is None else mask.to(q.dtype)
         o = attnlrp_platform(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=sdpa_mask),
                              q, k, v, epsilon=epsilon, rule=rule, backend=backend)
