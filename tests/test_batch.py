@@ -94,6 +94,24 @@ def test_batched_records_match_one_by_one_explain(shipped, records, reference):
         assert row["prompt"] == rec["prompt"] and row["rules"] == "attnlrp"
 
 
+@pytest.mark.parametrize("rules", ["cp-lrp", "gradient"])
+def test_other_rules_match_one_by_one_explain(shipped, rules, tmp_path):
+    model, tok = shipped
+    recs = mixed_records(6, seed=9)
+    flags = [p.requires_grad for p in model.parameters()]
+    explain_dataset(model, tok, recs, tmp_path / "o.jsonl", rules=rules, progress=False)
+    for rec, row in zip(recs, rows_of((tmp_path / "o.jsonl").read_bytes())):
+        alone = explain(model, tok, rec["prompt"], rec.get("target"), rules=rules,
+                        continuation=rec.get("continuation"), contrast=rec.get("contrast"))
+        assert row["rules"] == rules and row["target"]["ids"] == alone.target.ids
+        scale = alone.relevance.abs().max()
+        assert (torch.tensor(row["relevance"]) - alone.relevance).abs().max() <= \
+            REL_TOL["relevance"] * scale
+    # the model is left as it was: requires_grad flags restored, no parameter gradients
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(p.grad is None for p in model.parameters())
+
+
 @given(st.lists(st.tuples(st.integers(1, 40), st.sampled_from([None, "a", "b"]),
                           st.sampled_from([None, "x", 5])), min_size=1, max_size=60),
        st.integers(1, 120), st.integers(1, 9))
