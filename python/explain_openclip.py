@@ -146,8 +146,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     start = time.perf_counter()
     model, tokenizer = load_model(args.model, args.weights, args.image_size, args.context_length)
     image = load_image(args.image, model)
-    tokens = tokenizer(args.captions)
     similarity = lrp_openclip.CLIPSimilarity(model)
+    tokens = similarity.trim(tokenizer(args.captions))  # no padding after the last end token: same result
     lrp = lrp_openclip.composite(rule=args.rule)
     traced = lrp_openclip.register(lrp, similarity, image, tokens)
     try:

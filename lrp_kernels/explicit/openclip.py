@@ -70,6 +70,18 @@ class CLIPSimilarity(nn.Module):
                             f"{type(model).__name__} has no {missing}")
         self.model = model
 
+    def trim(self, text: torch.Tensor) -> torch.Tensor:
+        """``text`` without the padding after the last end token: the same similarities (the text
+        attention is causal and pools at the end token, so later positions change nothing) for a
+        fraction of the text tower's work (OpenCLIP pads every caption to 77 tokens)."""
+        mask = self.model.attn_mask
+        n = mask.shape[-1] if mask is not None else 0
+        causal = mask is not None and bool(torch.isneginf(mask[torch.ones(n, n, dtype=torch.bool).triu(1)]).all())
+        if not causal or getattr(self.model, "text_pool_type", "argmax") != "argmax":
+            raise ValueError("trim() needs a causal text tower pooled at the end token (argmax); this model's "
+                             "padding positions can change the similarity")
+        return text[:, : int(text.argmax(dim=-1).max()) + 1]
+
     def embed(self, text: torch.Tensor) -> torch.Tensor:
         """The token embeddings of ``text`` (``[n_captions, context]`` ids), the text input of forward."""
         return self.model.token_embedding(text).to(self.model.transformer.get_cast_dtype())
@@ -80,11 +92,16 @@ class CLIPSimilarity(nn.Module):
             return {"image": image, "text_embeds": self.embed(text), "text": text}
 
     def encode_text(self, text_embeds: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """``model.encode_text(text, normalize=True)`` from the token embeddings."""
+        """``model.encode_text(text, normalize=True)`` from the token embeddings (of all
+        positions, or of the first ones: :meth:`trim`)."""
         from open_clip.transformer import text_global_pool
         m = self.model
-        x = text_embeds + m.positional_embedding.to(text_embeds.dtype)
-        x = m.transformer(x, attn_mask=m.attn_mask)
+        n = text_embeds.shape[1]
+        x = text_embeds + m.positional_embedding[:n].to(text_embeds.dtype)
+        mask = m.attn_mask
+        if mask is not None:  # narrow, not a slice: n is a traced value (a buffer is no fx proxy)
+            mask = torch.narrow(torch.narrow(mask, 0, 0, n), 1, 0, n)
+        x = m.transformer(x, attn_mask=mask)
         x = m.ln_final(x)
         x = text_global_pool(x, text, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))
         if isinstance(m.text_projection, nn.Linear):

@@ -98,6 +98,11 @@ def test_traced_similarity_is_open_clips(clip):
     finally:
         lrp.remove()
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    # the padding after the last end token changes nothing (causal text attention)
+    short = sim.trim(tokens)
+    assert short.shape[1] == int(tokens.argmax(-1).max()) + 1 < tokens.shape[1]
+    with torch.no_grad():
+        torch.testing.assert_close(sim(image, sim.embed(short), short), want, rtol=1e-6, atol=1e-6)
     kinds = {(r.label, r.status) for r in lrp.operations}
     assert ("module MultiheadAttention", "module rule") in kinds
     assert all(p.requires_grad for p in model.parameters())  # remove() restored the flags
