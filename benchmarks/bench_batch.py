@@ -17,6 +17,10 @@ of ``--repeats`` rounds is reported. Prints a table, then one JSON line per case
 speed-up over ``one_by_one`` and the 1-minute load average before and after.
 
     python benchmarks/bench_batch.py [--prompts 64] [--repeats 3] [--threads 1] [--max-tokens 2048]
+
+``--memory-model`` measures instead what the budget stands for: the bytes autograd saves per
+padded token during a patched forward (random Llamas, two shapes, two batch shapes; SDPA
+attention), and fits ``layers x (a x hidden + b x intermediate)`` to them.
 """
 from __future__ import annotations
 
@@ -68,6 +72,51 @@ def run_batch(model, tok, texts, max_tokens):
             return [json.loads(line) for line in f]
 
 
+def saved_bytes_per_token(hidden: int, intermediate: int, layers: int, batch: int, width: int
+                          ) -> float:
+    """Bytes autograd saves per padded token for one patched forward of a random fp32 Llama
+    (the activations an explanation keeps until its backward; parameters not counted)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                      num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
+                      vocab_size=1000, max_position_embeddings=max(width, 64))
+    model = LlamaForCausalLM(cfg).eval()
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+        return t
+    ids = torch.randint(0, 1000, (batch, width))
+    with lrp_kernels.patch(model):
+        emb = model.get_input_embeddings()(ids).detach().requires_grad_()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(inputs_embeds=emb, use_cache=False, logits_to_keep=1)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(n for ptr, n in storages.items() if ptr not in params) / (batch * width)
+
+
+def memory_model() -> None:
+    """The per-token memory model of the guide: saved bytes on two Llama shapes and two batch
+    shapes, and the fit ``layers x (a x hidden + b x intermediate)`` elements per token."""
+    shapes = [(512, 1376, 4), (1024, 2816, 2)]
+    per_layer = []
+    print(f"{'hidden':>6} {'inter':>6} {'layers':>6} {'batch x width':>13} {'saved B/token':>14}")
+    for hidden, inter, layers in shapes:
+        for batch, width in [(4, 128), (8, 256)]:
+            b = saved_bytes_per_token(hidden, inter, layers, batch, width)
+            print(f"{hidden:>6} {inter:>6} {layers:>6} {f'{batch} x {width}':>13} {b:>14.0f}")
+            print(json.dumps({"bench": "batch_memory", "hidden": hidden, "intermediate": inter,
+                              "layers": layers, "batch": batch, "width": width,
+                              "saved_bytes_per_token": round(b, 1)}))
+        per_layer.append(b / layers / 4)   # fp32 elements per layer and token
+    (h1, i1, _), (h2, i2, _) = shapes
+    b_coef = (per_layer[1] - per_layer[0] * h2 / h1) / (i2 - i1 * h2 / h1)
+    a_coef = (per_layer[0] - b_coef * i1) / h1
+    print(f"fit: saved elements per padded token = layers x ({a_coef:.2f} x hidden + "
+          f"{b_coef:.2f} x intermediate)")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=64)
@@ -78,8 +127,13 @@ def main(argv=None) -> int:
     ap.add_argument("--small-max-tokens", type=int, default=256,
                     help="a second batch case with this budget (several buckets)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--memory-model", action="store_true",
+                    help="instead: bytes autograd saves per padded token on two random Llamas")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.memory_model:
+        memory_model()
+        return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(SHIPPED_MODEL)

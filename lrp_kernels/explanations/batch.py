@@ -21,11 +21,12 @@ once for the whole run.
 Buckets and the memory budget: within a group records are sorted by length (prompt tokens plus
 continuation tokens but the last) and cut greedily into batches whose *padded* size
 ``batch x longest`` stays within ``max_tokens`` (and at most ``max_batch_size`` records); a
-record longer than ``max_tokens`` runs alone. Activation memory of an explanation grows
-linearly with the padded tokens: roughly
-``max_tokens x layers x (10 x hidden + 5 x intermediate) x bytes per element`` for a Llama-like
-decoder (the saved activations of forward and backward), plus, with eager attention,
-``batch x heads x width^2`` scores per layer (SDPA and the chunked exact path do not store them).
+record longer than ``max_tokens`` runs alone. The memory an explanation keeps between forward
+and backward is linear in the padded tokens: for a Llama-like decoder under the patch, autograd
+saves ``max_tokens x layers x (9 x hidden + 2 x intermediate)`` elements (measured on two random
+Llamas, the same for every batch shape: ``benchmarks/bench_batch.py --memory-model``), plus the
+backward's transient gradients, plus with eager attention ``batch x heads x width^2`` scores per
+layer (SDPA and the chunked exact path do not store them).
 Batches run longest first, so a budget that is too large fails in the first seconds.
 
 Resuming: ids already in the output are skipped. The batch plan is a function of the input and
