@@ -142,8 +142,14 @@ def explain_matrix(model, tokenizer, prompt: str, *, continuation: Optional[str]
     token). Row ``k`` of the result is the explanation of continuation token ``k``'s logit
     given its prefix, equal to ``explain(model, tokenizer, prefix, target=token)``.
     ``rules``, ``epsilon``, ``backend``, ``max_length`` and ``strict`` mean what they mean for
-    :func:`~lrp_kernels.explanations.api.explain`. ``memory_budget`` (bytes) bounds the
-    memory of the backward passes; ``progress(done, total)`` is called as rows are finished.
+    :func:`~lrp_kernels.explanations.api.explain`.
+
+    Cost: one forward over prompt + continuation (the last token is only predicted) and one
+    input-only backward per continuation token on that graph (:func:`_rows`). ``memory_budget``
+    (bytes, default 1 GiB) bounds the cotangents of rows backpropagated together where the
+    backward is batched (``rules="gradient"``); the patched rules run one row per backward,
+    whose memory is that of one explanation. ``progress(done, total)`` is called after each
+    row.
 
     Bad arguments raise :class:`~lrp_kernels.explanations.api.ExplainError` naming the
     argument; a sequence longer than the context raises
