@@ -29,7 +29,10 @@ PUBLIC_MODULES = {
     "lrp_kernels.explanations.heatmap", "lrp_kernels.explanations.imaging",
     "lrp_kernels.explanations.sources", "lrp_kernels.explanations.viewer",
     "lrp_kernels.explanations.matrix", "lrp_kernels.compat.captum",
+    "lrp_kernels.explanations.image", "lrp_kernels.explanations.batch",
+    "lrp_kernels.ops.multihead", "lrp_kernels.hooks.attention", "lrp_kernels.explicit.openclip",
     "lrp_kernels.tools.check", "lrp_kernels.tools.compare", "lrp_kernels.tools.profile",
+    "lrp_kernels.tools.faithfulness",
 }
 
 TARGET = re.compile(r"^:::\s+(\S+)", re.MULTILINE)
