@@ -16,6 +16,10 @@ of the platform path (SDPA with the AttnLRP rescalings) against plain
 ``F.scaled_dot_product_attention`` (GQA), median of 5 after 2 warm-ups, plus the largest
 norm-wise relative deviation of the platform path's Q/K/V gradients from the exact rule.
 
+Peak memory on CPU is peak RSS, which glibc's heap retention distorts differently per mode
+(RESULTS.md, "where the peak-memory gap was"); for memory ratios that follow the tensors, run
+with ``MALLOC_MMAP_THRESHOLD_=1048576`` and take the times from a default run.
+
     PYTHONPATH=. python benchmarks/bench_long_context.py --quick
     PYTHONPATH=. python benchmarks/bench_long_context.py --kernel --seq 4096,16384
 """
