@@ -12,6 +12,7 @@ import os
 import pytest
 import torch
 import transformers as tr
+from hypothesis import given, strategies as st
 
 import lrp_kernels
 from lrp_kernels.cli.explain import SHIPPED_MODEL
@@ -145,6 +146,30 @@ def test_gradient_rules_batched_cotangents(tok, monkeypatch, budget):
     assert m.meta["batched_backward"]
     assert calls.forwards == 1 and calls.backwards == (1 if budget is None else 5)
     assert_rows_match(m, model, tok, "gradient")
+
+
+@pytest.fixture(scope="module")
+def tiny(tok):
+    return tiny_llama(tok, hidden=32, layers=2, heads=2)
+
+
+WORDS = st.sampled_from(["k1", "k2", "k3", "5", "9", "12", ";", "?"])
+
+
+@given(prompt=st.lists(WORDS, min_size=1, max_size=8), answer=st.lists(WORDS, min_size=1,
+                                                                        max_size=5))
+def test_rows_sum_to_the_continuation_explanation(tok, tiny, prompt, answer):
+    """Invariant (the backward is linear in its seed): the matrix rows summed are
+    ``explain(continuation=...)``'s relevance for the sum of the answer's logits, a path with
+    one backward of a different seed; and each row's logit is the continuation's term."""
+    text, cont = " ".join(prompt), " " + " ".join(answer)
+    m = explain_matrix(tiny, tok, text, continuation=cont)
+    whole = explain(tiny, tok, text, continuation=cont)
+    total = m.relevance.sum(0)
+    assert float(total[-1]) == 0  # the last answer token is only predicted, never an input
+    scale = float(whole.relevance.abs().max())
+    torch.testing.assert_close(total[:-1], whole.relevance, rtol=1e-4, atol=1e-4 * scale)
+    assert float(m.target_logits.sum()) == pytest.approx(whole.target.logit, rel=1e-4, abs=1e-4)
 
 
 def test_explain_generate_uses_the_rows(shipped, monkeypatch):
