@@ -237,3 +237,18 @@ def test_real_process_bad_env_info_no_traceback():
                           text=True, cwd=ROOT, env=env, timeout=300)
     assert_one_line_error(proc.returncode, proc.stderr, "LRP_KERNELS_BACKEND")
     assert "backends:" in proc.stdout and "devices:" in proc.stdout
+
+
+@pytest.mark.parametrize("command", ["sources", "batch", "faithfulness"])
+def test_model_without_rules_is_one_line_in_every_explaining_command(command, folders, tmp_path, capsys):
+    """The commands that explain share one report of a model the patch has no rule for
+    (``cli._models.model_errors``): one line naming ``--model``."""
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(json.dumps({"id": "a", "text": "k1 = 5 ;"}) + "\n")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"id": "p", "prompt": PROMPT}) + "\n")
+    argv = {"sources": ["sources", str(docs), "--question", "? k1", "--template", "key-value", "--answer", " 5", "--no-progress"],
+            "batch": ["batch", str(prompts), "--out", str(tmp_path / "out.jsonl"), "--quiet"],
+            "faithfulness": ["faithfulness", "--prompts", str(prompts), "--no-progress"]}[command]
+    code = main(argv + ["--model", str(folders["opt"])])
+    assert_one_line_error(code, capsys.readouterr().err, "--model", "no rule for")

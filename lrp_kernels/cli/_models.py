@@ -3,10 +3,11 @@ one-line :class:`CLIError` *before* weights are loaded, and a hub id never waits
 that is not there."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
-from typing import Optional
+from typing import Iterator, Optional
 from urllib.parse import urlparse
 
 from . import CLIError
@@ -117,3 +118,18 @@ def unsupported_message(err: BaseException, flag: Optional[str] = "--no-strict")
     hint = (f"; {flag} patches the rest and keeps plain gradients there" if flag
             else "")
     return f"the AttnLRP patch has no rule for: {shown or first_line(err)}{hint}"
+
+
+@contextlib.contextmanager
+def model_errors(backend: str, model_id: str, flag: Optional[str] = "--no-strict") -> Iterator[None]:
+    """Report, as one :class:`CLIError` line, the two mistakes any explaining command can meet
+    once the model runs: a ``--backend`` that cannot run here and a ``--model`` the patch has no
+    rule for (``flag``: the option that relaxes that, or ``None``)."""
+    from ..backends.dispatch import BackendUnavailableError
+    from ..hf.patching import UnsupportedModelError
+    try:
+        yield
+    except BackendUnavailableError as err:
+        raise CLIError(f"--backend {backend}: {err}") from None
+    except UnsupportedModelError as err:
+        raise CLIError(f"--model {model_id!r}: {unsupported_message(err, flag)}") from None

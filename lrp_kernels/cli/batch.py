@@ -8,6 +8,7 @@ import sys
 
 from ..ops._common import DEFAULT_EPSILON
 from . import CLIError, int_at_least, positive_float
+from ._models import model_errors
 
 EPILOG = """\
 input lines (JSON objects; only "prompt" is required):
@@ -143,26 +144,18 @@ def run(args) -> int:
     model_id = args.model or SHIPPED_MODEL
     model, tok = load(model_id, args.tokenizer or model_id, args.dtype, device, not args.quiet)
     try:
-        report = B.explain_dataset(
-            model, tok, args.input, args.out, rules=args.rules, epsilon=args.epsilon,
-            backend=args.backend, max_length=args.max_length, patch_strict=args.patch_strict,
-            max_tokens=args.max_tokens or B.DEFAULT_MAX_TOKENS,
-            max_batch_size=args.max_batch_size or B.DEFAULT_MAX_BATCH_SIZE, format=fmt,
-            strict=args.strict, progress=not args.quiet, shard=args.shard)
+        with model_errors(args.backend, model_id, '--no-strict-patch'):
+            report = B.explain_dataset(
+                model, tok, args.input, args.out, rules=args.rules, epsilon=args.epsilon,
+                backend=args.backend, max_length=args.max_length, patch_strict=args.patch_strict,
+                max_tokens=args.max_tokens or B.DEFAULT_MAX_TOKENS,
+                max_batch_size=args.max_batch_size or B.DEFAULT_MAX_BATCH_SIZE, format=fmt,
+                strict=args.strict, progress=not args.quiet, shard=args.shard)
     except B.BatchError as err:
         raise CLIError(f"{args.input}: {err}" if str(err).startswith(("malformed", "cannot explain", "explain refused"))
                        else str(err)) from None
     except ExplainError as err:
         raise CLIError(str(err)) from None
-    except Exception as err:
-        from ..backends.dispatch import BackendUnavailableError
-        from ..hf.patching import UnsupportedModelError
-        from ._models import unsupported_message
-        if isinstance(err, BackendUnavailableError):
-            raise CLIError(f"--backend {args.backend}: {err}") from None
-        if isinstance(err, UnsupportedModelError):
-            raise CLIError(f"--model {model_id!r}: {unsupported_message(err, '--no-strict-patch')}") from None
-        raise
     if report.rank == 0:
         if report.dropped_partial_bytes:
             print(f"lrp-kernels batch: warning: dropped the unfinished last line of an "

@@ -7,6 +7,7 @@ import sys
 
 from ..ops._common import DEFAULT_EPSILON
 from . import CLIError, int_at_least, positive_float
+from ._models import model_errors
 
 SHIPPED_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                              "assets", "recall-llama")
@@ -211,30 +212,22 @@ def run(args) -> int:
         def progress(done, total):
             bar.update(done - bar.n)
     try:
-        if viewer:  # the relevance matrix: one forward, one input-only backward per token
-            from ..explanations.matrix import explain_matrix
-            result = explain_matrix(model, tok, prompt, generate=args.generate, rules=args.rules,
-                                    epsilon=args.epsilon, backend=args.backend,
-                                    max_length=args.max_length, strict=args.strict,
-                                    progress=progress)
-        else:
-            result = explain(
-                model, tok, prompt, _parse_token(args.target, '--target'),
-                continuation=args.continuation, contrast=_parse_token(args.contrast, '--contrast'),
-                generate=args.generate, rules=args.rules, epsilon=args.epsilon,
-                backend=args.backend, max_length=args.max_length, strict=args.strict,
-                progress=progress)
+        with model_errors(args.backend, model_id):
+            if viewer:  # the relevance matrix: one forward, one input-only backward per token
+                from ..explanations.matrix import explain_matrix
+                result = explain_matrix(model, tok, prompt, generate=args.generate, rules=args.rules,
+                                        epsilon=args.epsilon, backend=args.backend,
+                                        max_length=args.max_length, strict=args.strict,
+                                        progress=progress)
+            else:
+                result = explain(
+                    model, tok, prompt, _parse_token(args.target, '--target'),
+                    continuation=args.continuation, contrast=_parse_token(args.contrast, '--contrast'),
+                    generate=args.generate, rules=args.rules, epsilon=args.epsilon,
+                    backend=args.backend, max_length=args.max_length, strict=args.strict,
+                    progress=progress)
     except ExplainError as err:
         raise CLIError(str(err)) from None
-    except Exception as err:
-        from ..backends.dispatch import BackendUnavailableError
-        from ..hf.patching import UnsupportedModelError
-        from ._models import unsupported_message
-        if isinstance(err, BackendUnavailableError):
-            raise CLIError(f"--backend {args.backend}: {err}") from None
-        if isinstance(err, UnsupportedModelError):
-            raise CLIError(f"--model {model_id!r}: {unsupported_message(err)}") from None
-        raise
     finally:
         if bar is not None:
             bar.close()

@@ -9,6 +9,7 @@ import sys
 from typing import List, Optional, Tuple
 
 from . import CLIError, int_at_least
+from ._models import model_errors
 
 EPILOG = """\
 examples:
@@ -178,24 +179,16 @@ def run(args) -> int:
         def progress(done, total):
             bar.update(done - bar.n)
     try:
-        result = perturbation_curves(
-            model, tok, prompts, methods, targets=targets if any(t is not None for t in targets) else None,
-            removal=args.removal, baseline_token=_parse_target(args.baseline_token, "--baseline-token"),
-            steps=args.steps, score=args.score, seed=0 if args.seed is None else args.seed,
-            backend=args.backend, progress=progress)
+        with model_errors(args.backend, model_id, None):
+            result = perturbation_curves(
+                model, tok, prompts, methods, targets=targets if any(t is not None for t in targets) else None,
+                removal=args.removal, baseline_token=_parse_target(args.baseline_token, "--baseline-token"),
+                steps=args.steps, score=args.score, seed=0 if args.seed is None else args.seed,
+                backend=args.backend, progress=progress)
     except FaithfulnessError as err:
         raise CLIError(str(err)) from None
     except ExplainError as err:
         raise CLIError(f"--prompts: {err}" if args.prompts else str(err)) from None
-    except Exception as err:
-        from ..backends.dispatch import BackendUnavailableError
-        from ..hf.patching import UnsupportedModelError
-        from ._models import unsupported_message
-        if isinstance(err, BackendUnavailableError):
-            raise CLIError(f"--backend {args.backend}: {err}") from None
-        if isinstance(err, UnsupportedModelError):
-            raise CLIError(f"--model {model_id!r}: {unsupported_message(err, None)}") from None
-        raise
     finally:
         if bar is not None:
             bar.close()

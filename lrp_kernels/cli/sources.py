@@ -8,6 +8,7 @@ import os
 
 from ..ops._common import DEFAULT_EPSILON
 from . import CLIError, int_at_least, positive_float
+from ._models import model_errors
 
 DEFAULT_GENERATE = 32
 
@@ -193,21 +194,13 @@ def run(args) -> int:
             bar.update(done - bar.n)
     from ..explanations.matrix import explain_matrix
     try:
-        matrix = explain_matrix(model, tok, sp.prompt, continuation=answer, generate=generate,
-                                rules=args.rules, epsilon=args.epsilon, backend=args.backend,
-                                max_length=args.max_length, strict=args.strict,
-                                progress=progress)
+        with model_errors(args.backend, model_id):
+            matrix = explain_matrix(model, tok, sp.prompt, continuation=answer, generate=generate,
+                                    rules=args.rules, epsilon=args.epsilon, backend=args.backend,
+                                    max_length=args.max_length, strict=args.strict,
+                                    progress=progress)
     except ExplainError as err:
         raise CLIError(str(err)) from None
-    except Exception as err:
-        from ..backends.dispatch import BackendUnavailableError
-        from ..hf.patching import UnsupportedModelError
-        from ._models import unsupported_message
-        if isinstance(err, BackendUnavailableError):
-            raise CLIError(f"--backend {args.backend}: {err}") from None
-        if isinstance(err, UnsupportedModelError):
-            raise CLIError(f"--model {model_id!r}: {unsupported_message(err)}") from None
-        raise
     finally:
         if bar is not None:
             bar.close()
