@@ -60,6 +60,16 @@ GRADIENT_RULES = ("gradient", "gxi", "gradient_x_input")  # plain gradient x inp
 LRP_RULES = ("attnlrp", "cp-lrp")
 
 
+def json_text(data: Dict[str, Any], path: Optional[str] = None) -> str:
+    """``data`` as one JSON line (what every result's ``to_json`` returns), also written to
+    ``path`` when given."""
+    text = json.dumps(data)
+    if path is not None:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    return text
+
+
 class ExplainError(ValueError):
     """Bad input to :func:`explain` (unknown target token, empty prompt, ...)."""
 
@@ -144,11 +154,7 @@ class Explanation:
         return d
 
     def to_json(self, path: Optional[str] = None) -> str:
-        text = json.dumps(self.to_dict())
-        if path is not None:
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
-        return text
+        return json_text(self.to_dict(), path)
 
     def save(self, path: str, **kw) -> str:
         """Write by extension: .html, .pdf, .png or .json."""

@@ -35,7 +35,6 @@ normalisation undone).
 """
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -44,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .api import ExplainError, LRP_RULES, _keep_parameters, _patch_context
+from .api import ExplainError, LRP_RULES, _keep_parameters, _patch_context, json_text
 from .heatmap import clean_tokens
 from .imaging import diverging_colors, tile_grid
 
@@ -123,11 +122,7 @@ class ImageExplanation:
         return d
 
     def to_json(self, path: Optional[str] = None) -> str:
-        text = json.dumps(self.to_dict())
-        if path is not None:
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
-        return text
+        return json_text(self.to_dict(), path)
 
 
 def _enlarge(rgb: np.ndarray, scale: int) -> np.ndarray:

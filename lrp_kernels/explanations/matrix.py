@@ -11,7 +11,6 @@ sentences and documents and the interactive viewer read this object.
 from __future__ import annotations
 
 import inspect
-import json
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -19,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from . import api as _api
-from .api import ExplainError, PromptTooLongError
+from .api import ExplainError, PromptTooLongError, json_text
 
 
 @dataclass
@@ -76,11 +75,7 @@ class RelevanceMatrix:
         return d
 
     def to_json(self, path: Optional[str] = None) -> str:
-        text = json.dumps(self.to_dict())
-        if path is not None:
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
-        return text
+        return json_text(self.to_dict(), path)
 
 
 def _greedy(model, prompt_ids: List[int], n: int, eos: Optional[int]) -> List[int]:
