@@ -7,7 +7,7 @@ import pytest
 
 from lrp_kernels.cli import main
 
-from test_viewer import parse
+from helpers.viewer_page import parse
 
 DOCS = [{"id": "a", "text": "k4 17"}, {"id": "b", "text": "k9 42"}, {"text": "k2 8"}]
 

@@ -6,64 +6,22 @@ The data checks decode the embedded JSON here, independently of the viewer's cod
 int8 ``q = round(127 r / scale)`` per row, ``scale = max |r|``, so every decoded value lies
 within ``scale / 254`` of the exact relevance.
 """
-import base64
 import json
 import os
 import re
 import subprocess
-from html.parser import HTMLParser
 
 import pytest
-import torch
 
 from lrp_kernels.explanations import sources as S
 from lrp_kernels.explanations import viewer as V
 
 from helpers.matrices import make_matrix
+from helpers.viewer_page import decode, parse
 
 CHROMIUM = "/usr/bin/chromium"
 IDS = ("lrp-title", "lrp-answer", "lrp-legend", "lrp-lo", "lrp-hi", "lrp-status", "lrp-context",
        "lrp-sources", "lrp-data")
-
-
-class Page(HTMLParser):
-    """Tags, ids, attributes and script bodies of a document."""
-
-    def __init__(self):
-        super().__init__()
-        self.tags, self.ids, self.attrs, self.scripts = [], set(), [], []
-        self._script = None
-
-    def handle_starttag(self, tag, attrs):
-        self.tags.append(tag)
-        self.attrs.extend(attrs)
-        d = dict(attrs)
-        if "id" in d:
-            self.ids.add(d["id"])
-        if tag == "script":
-            self._script = [d, ""]
-
-    def handle_data(self, data):
-        if self._script is not None:
-            self._script[1] += data
-
-    def handle_endtag(self, tag):
-        if tag == "script" and self._script is not None:
-            self.scripts.append(tuple(self._script))
-            self._script = None
-
-
-def parse(doc):
-    page = Page()
-    page.feed(doc)
-    data = [body for attrs, body in page.scripts if attrs.get("id") == "lrp-data"]
-    assert len(data) == 1
-    return page, json.loads(data[0])
-
-
-def decode(entry):
-    q = torch.frombuffer(bytearray(base64.b64decode(entry["q"])), dtype=torch.int8).double()
-    return q * entry["scale"] / 127
 
 
 def rag_report(seed=0):
@@ -240,11 +198,9 @@ def test_arrow_key_and_jump_in_chromium(tmp_path):
     hook = """<script>
 document.querySelector('.a[data-k="2"]').click();
 document.dispatchEvent(new KeyboardEvent("keydown", {key: "ArrowRight"}));
-setTimeout(() => {
-  document.getElementById("lrp-jump").click();
-  const lit = [...document.querySelectorAll("#lrp-context .t")].findIndex(x => x.classList.contains("hl"));
-  document.body.dataset.after = document.body.dataset.selection + "|" + lit;
-}, 100);
+document.getElementById("lrp-jump").click();  // before any frame: the jump paints the pending selection
+const lit = [...document.querySelectorAll("#lrp-context .t")].findIndex(x => x.classList.contains("hl"));
+document.body.dataset.after = document.body.dataset.selection + "|" + lit;
 </script></body>"""
     page = tmp_path / "hook.html"
     page.write_text(doc.replace("</body>", hook), encoding="utf-8")

@@ -298,6 +298,7 @@ srcPanel.addEventListener("click", ev => {
 });
 // the most relevant token of the selection: scroll to it and outline it
 jump.addEventListener("click", () => {
+  flush();                   // a selection still waiting for its frame decides the target
   const i = +jump.dataset.i; if (!(i >= 0)) return;
   lit.forEach(x => x.classList.remove("hl")); lit = [el[i]];
   el[i].classList.add("hl"); el[i].scrollIntoView({block: "center"});
