@@ -252,3 +252,24 @@ def test_model_without_rules_is_one_line_in_every_explaining_command(command, fo
             "faithfulness": ["faithfulness", "--prompts", str(prompts), "--no-progress"]}[command]
     code = main(argv + ["--model", str(folders["opt"])])
     assert_one_line_error(code, capsys.readouterr().err, "--model", "no rule for")
+
+
+@pytest.mark.parametrize("command", ["explain", "sources", "batch", "faithfulness", "explain-image"])
+def test_unusable_device_is_one_line_in_every_explaining_command(command, folders, tmp_path, capsys):
+    """``cli._models.usable_device``: a device torch cannot allocate on is one line naming
+    ``--device``, before any model loads."""
+    from PIL import Image
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(json.dumps({"id": "a", "text": "k1 = 5 ;"}) + "\n")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"id": "p", "prompt": PROMPT}) + "\n")
+    image = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(image)
+    argv = {"explain": ["explain", PROMPT, "--model", str(folders["llama"])],
+            "sources": ["sources", str(docs), "--question", "? k1", "--answer", " 5"],
+            "batch": ["batch", str(prompts), "--out", str(tmp_path / "out.jsonl")],
+            "faithfulness": ["faithfulness", "--prompts", str(prompts)],
+            "explain-image": ["explain-image", str(image), "--model", str(tmp_path)]}[command]
+    code = main(argv + ["--device", "cuda:97"])
+    assert_one_line_error(code, capsys.readouterr().err, "--device 'cuda:97'", "not usable here")

@@ -120,6 +120,18 @@ def unsupported_message(err: BaseException, flag: Optional[str] = "--no-strict")
     return f"the AttnLRP patch has no rule for: {shown or first_line(err)}{hint}"
 
 
+def usable_device(requested: Optional[str], cuda_default: str = "cuda") -> str:
+    """``--device`` as given, else ``cuda_default`` where CUDA is available, else ``cpu``; a
+    device torch cannot allocate on is a :class:`CLIError` naming ``--device``."""
+    import torch
+    device = requested or (cuda_default if torch.cuda.is_available() else "cpu")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as err:
+        raise CLIError(f"--device {device!r} is not usable here: {str(err).splitlines()[0]}") from None
+    return device
+
+
 @contextlib.contextmanager
 def model_errors(backend: str, model_id: str, flag: Optional[str] = "--no-strict") -> Iterator[None]:
     """Report, as one :class:`CLIError` line, the two mistakes any explaining command can meet

@@ -8,7 +8,7 @@ import sys
 
 from ..ops._common import DEFAULT_EPSILON
 from . import CLIError, int_at_least, positive_float
-from ._models import model_errors
+from ._models import model_errors, usable_device
 
 EPILOG = """\
 input lines (JSON objects; only "prompt" is required):
@@ -111,18 +111,8 @@ def _check_paths(args, fmt: str) -> None:
 
 
 def _device(args) -> str:
-    import torch
-    if args.device:
-        device = args.device
-    elif torch.cuda.is_available():
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    else:
-        device = "cpu"
-    try:
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as err:
-        raise CLIError(f"--device {device!r} is not usable here: {str(err).splitlines()[0]}") from None
-    return device
+    # under torchrun / accelerate each rank takes its own GPU
+    return usable_device(args.device, f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
 
 
 def _warn_lines(what: str, problems, limit: int = 10) -> None:

@@ -7,7 +7,7 @@ import sys
 
 from ..ops._common import DEFAULT_EPSILON
 from . import CLIError, int_at_least, positive_float
-from ._models import model_errors
+from ._models import model_errors, usable_device
 
 SHIPPED_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                              "assets", "recall-llama")
@@ -171,7 +171,6 @@ def load(model_id: str, tokenizer_id: str, dtype: str, device: str, progress: bo
 
 
 def run(args) -> int:
-    import torch
 
     from ..explanations.api import ExplainError, explain
 
@@ -187,11 +186,7 @@ def run(args) -> int:
                        "--continuation or --contrast")
     viewer = bool(args.generate and args.out
                   and os.path.splitext(args.out)[1].lower() in (".html", ".htm"))
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as err:
-        raise CLIError(f"--device {device!r} is not usable here: {str(err).splitlines()[0]}") from None
+    device = usable_device(args.device)
     model_id = args.model or SHIPPED_MODEL
     model, tok = load(model_id, args.tokenizer or model_id, args.dtype, device,
                       not args.no_progress)

@@ -6,6 +6,7 @@ import os
 
 from ..ops._common import DEFAULT_EPSILON
 from . import CLIError, int_at_least, positive_float
+from ._models import usable_device
 
 EPILOG = """\
 examples:
@@ -109,12 +110,7 @@ def run(args) -> int:
         image = load_image(args.image)  # a bad image fails before the model loads
     except ExplainError as err:
         raise CLIError(str(err)) from None
-    import torch
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as err:
-        raise CLIError(f"--device {device!r} is not usable here: {str(err).splitlines()[0]}") from None
+    device = usable_device(args.device)
     model, processor, tokenizer = load(args.model, args.caption is not None)
     model.to(device)
     try:

@@ -9,7 +9,7 @@ import sys
 from typing import List, Optional, Tuple
 
 from . import CLIError, int_at_least
-from ._models import model_errors
+from ._models import model_errors, usable_device
 
 EPILOG = """\
 examples:
@@ -137,7 +137,6 @@ def _check_plot(path: str) -> None:
 
 
 def run(args) -> int:
-    import torch
 
     from ..explanations.api import ExplainError
     from ..tools.faithfulness import FaithfulnessError, _check_methods, perturbation_curves
@@ -163,11 +162,7 @@ def run(args) -> int:
                            "model's task, which another --model does not know")
         prompts = held_out_prompts(args.n or 200, HELD_OUT_SEED if args.seed is None else args.seed)
         targets = [None] * len(prompts)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as err:
-        raise CLIError(f"--device {device!r} is not usable here: {str(err).splitlines()[0]}") from None
+    device = usable_device(args.device)
     model, tok = load(model_id, args.tokenizer or model_id, args.dtype, device, not args.no_progress)
 
     bar = None

@@ -8,7 +8,7 @@ import os
 
 from ..ops._common import DEFAULT_EPSILON
 from . import CLIError, int_at_least, positive_float
-from ._models import model_errors
+from ._models import model_errors, usable_device
 
 DEFAULT_GENERATE = 32
 
@@ -140,7 +140,6 @@ def _check_out(path: str) -> None:
 
 
 def run(args) -> int:
-    import torch
 
     from ..explanations.api import ExplainError, unknown_pieces
     from ..explanations.sources import SourcesError, attribute_sources, build_prompt
@@ -162,11 +161,7 @@ def run(args) -> int:
         sp = build_prompt(docs, args.question, template=template)
     except SourcesError as err:
         raise CLIError(str(err)) from None
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as err:
-        raise CLIError(f"--device {device!r} is not usable here: {str(err).splitlines()[0]}") from None
+    device = usable_device(args.device)
     model, tok = load(model_id, args.tokenizer or model_id, args.dtype, device,
                       not args.no_progress)
     answer = None
