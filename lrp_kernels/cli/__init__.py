@@ -70,6 +70,22 @@ def positive_float(text: str) -> float:
 positive_float.__name__ = "float"
 
 
+def read_text_lines(path: str, name: str) -> list:
+    """The lines of a UTF-8 text file the user named (``name``: how the messages call it, e.g.
+    ``"--prompts"``); a missing, unreadable or non-UTF-8 file is a one-line :class:`CLIError`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().splitlines()
+    except FileNotFoundError:
+        raise CLIError(f"{name} {path!r} does not exist") from None
+    except IsADirectoryError:
+        raise CLIError(f"{name} {path!r} is a folder, expected a file") from None
+    except OSError as err:
+        raise CLIError(f"cannot read {name} {path!r}: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise CLIError(f"{name} {path!r} is not UTF-8 text") from None
+
+
 def _check_backend_env() -> Optional[str]:
     """The problem with ``LRP_KERNELS_BACKEND``, or ``None`` when it is unset or valid."""
     from ..backends.dispatch import current_backend

@@ -8,7 +8,7 @@ import os
 import sys
 from typing import List, Optional, Tuple
 
-from . import CLIError, int_at_least
+from . import CLIError, int_at_least, read_text_lines
 from ._models import model_errors, usable_device
 
 EPILOG = """\
@@ -88,17 +88,7 @@ def _parse_target(value, where: str):
 def read_prompts(path: str) -> Tuple[List[str], List[Optional[object]]]:
     """Prompts and targets from a .jsonl file (``{"prompt": ..., "target": ...}`` per line) or a
     text file (one prompt per non-empty line); CLIError naming the line for anything else."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except FileNotFoundError:
-        raise CLIError(f"--prompts {path!r}: no such file") from None
-    except IsADirectoryError:
-        raise CLIError(f"--prompts {path!r} is a folder, expected a file") from None
-    except OSError as err:
-        raise CLIError(f"cannot read --prompts {path!r}: {err.strerror or err}") from None
-    except UnicodeDecodeError:
-        raise CLIError(f"--prompts {path!r} is not UTF-8 text") from None
+    lines = read_text_lines(path, "--prompts")
     prompts, targets = [], []
     jsonl = path.lower().endswith((".jsonl", ".ndjson"))
     for number, line in enumerate(lines, 1):

@@ -7,7 +7,7 @@ import json
 import os
 
 from ..ops._common import DEFAULT_EPSILON
-from . import CLIError, int_at_least, positive_float
+from . import CLIError, int_at_least, positive_float, read_text_lines
 from ._models import model_errors, usable_device
 
 DEFAULT_GENERATE = 32
@@ -84,17 +84,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def read_documents(path: str) -> list:
     """``[{"id": str, "text": str}]`` from a JSONL file; one-line :class:`CLIError` naming
     the line for anything else (bad JSON, no text, empty text, duplicate ids)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except FileNotFoundError:
-        raise CLIError(f"documents file {path!r} does not exist") from None
-    except IsADirectoryError:
-        raise CLIError(f"documents file {path!r} is a folder") from None
-    except OSError as err:
-        raise CLIError(f"cannot read documents file {path!r}: {err.strerror or err}") from None
-    except UnicodeDecodeError:
-        raise CLIError(f"documents file {path!r} is not UTF-8 text") from None
+    lines = read_text_lines(path, "documents file")
     docs, first_line = [], {}
     for number, line in enumerate(lines, 1):
         if not line.strip():
