@@ -18,7 +18,8 @@ from lrp_kernels.explanations.api import explain
 from lrp_kernels.explanations.batch import BatchError, explain_dataset, plan_batches
 from lrp_kernels.explanations.records import Record, parse_lines
 
-from helpers.batch_records import load_shipped, mixed_records, write_jsonl
+from helpers.batch_records import mixed_records, write_jsonl
+from helpers.shipped import load_shipped
 
 # float32: a batch row differs from the prompt alone only by padding (summation order);
 # measured max |dR| / max|R| about 5e-6 on the shipped model

@@ -15,7 +15,8 @@ import torch
 from lrp_kernels.cli import main
 from lrp_kernels.explanations.batch import explain_dataset
 
-from helpers.batch_records import load_shipped, mixed_records, write_jsonl
+from helpers.batch_records import mixed_records, write_jsonl
+from helpers.shipped import load_shipped
 
 OPTS = dict(max_tokens=64, max_batch_size=2)   # many small batches: a kill lands mid-run
 CLI_OPTS = ["--max-tokens", "64", "--max-batch-size", "2"]

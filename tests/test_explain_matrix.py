@@ -7,20 +7,17 @@ so the rows agree up to the rounding of GEMMs of other shapes; tolerances per dt
 to the row's largest entry): float64 1e-9, float32 1e-4, bfloat16 5e-2 (the forward itself
 rounds to 8 bits of mantissa, and blocking differs between the two forward lengths).
 """
-import os
-
 import pytest
 import torch
 import transformers as tr
 from hypothesis import given, strategies as st
 
 import lrp_kernels
-from lrp_kernels.cli.explain import SHIPPED_MODEL
-from lrp_kernels.explanations import matrix as matrix_mod
 from lrp_kernels.explanations.api import ExplainError, PromptTooLongError, explain
 from lrp_kernels.explanations.matrix import RelevanceMatrix, explain_matrix
 
 from helpers.recall_task import task, tiny_llama
+from helpers.shipped import load_shipped
 
 TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 5e-2}
 PROMPT = "k4 17 ; k9 42 ; k2 8 ; k5 3 ; ? k9"
@@ -28,10 +25,7 @@ PROMPT = "k4 17 ; k9 42 ; k2 8 ; k5 3 ; ? k9"
 
 @pytest.fixture(scope="module")
 def shipped():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    tok = tr.AutoTokenizer.from_pretrained(SHIPPED_MODEL)
-    model = tr.AutoModelForCausalLM.from_pretrained(SHIPPED_MODEL, dtype=torch.float32).eval()
-    return model, tok
+    return load_shipped()
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ from lrp_kernels.tools.faithfulness import (FaithfulnessError, area, perturbatio
 from lrp_kernels.tools.recall_prompts import SHIPPED_MODEL, held_out_prompts
 
 from helpers.recall_task import task
+from helpers.shipped import load_shipped
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -257,10 +258,7 @@ def test_held_out_prompts_match_the_training_script():
 
 @pytest.fixture(scope="module")
 def shipped():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(SHIPPED_MODEL)
-    model = AutoModelForCausalLM.from_pretrained(SHIPPED_MODEL, dtype=torch.float32).eval()
-    return model, tok
+    return load_shipped()
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from lrp_kernels.explanations.api import explain
 
 from helpers import recall
 from helpers.recall_task import task
+from helpers.shipped import load_shipped
 
 task.use_format_of(SHIPPED_MODEL)
 HELD_OUT_SEED = 20261127  # not a training seed (training streams: seed, seed + 1, seed + 2)
@@ -26,11 +27,7 @@ HELD_OUT_SEED = 20261127  # not a training seed (training streams: seed, seed + 
 
 @pytest.fixture(scope="module")
 def shipped():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(SHIPPED_MODEL)
-    model = AutoModelForCausalLM.from_pretrained(SHIPPED_MODEL, dtype=torch.float32).eval()
-    return model, tok
+    return load_shipped()
 
 
 def metadata():

@@ -19,6 +19,7 @@ from hypothesis import given, strategies as st
 from lrp_kernels.explanations import sources as S
 
 from helpers.matrices import make_matrix
+from helpers.shipped import load_shipped
 
 
 # ----------------------------------------------------------------------------- splitting
@@ -263,13 +264,7 @@ def test_attribute_sources_errors():
 
 @pytest.fixture(scope="module")
 def shipped():
-    import os
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from lrp_kernels.cli.explain import SHIPPED_MODEL
-    tok = AutoTokenizer.from_pretrained(SHIPPED_MODEL)
-    model = AutoModelForCausalLM.from_pretrained(SHIPPED_MODEL, dtype=torch.float32).eval()
-    return model, tok
+    return load_shipped()
 
 
 HELD_OUT_SEED = 20261130  # not a training seed of the shipped model (those are 11, 12, 13)

@@ -10,27 +10,21 @@ on each prefix text: its own patch, forward and backward):
   backward in its seed, ``R(log p_t) = R(logit_t) - sum_j p_j R(logit_j)``, computed here from
   one explanation per vocabulary entry (a batch of ``explain`` calls).
 """
-import os
-
 import pytest
 import torch
 
 captum_attr = pytest.importorskip("captum.attr")
-import transformers as tr  # noqa: E402
 
-from lrp_kernels.cli.explain import SHIPPED_MODEL  # noqa: E402
 from lrp_kernels.compat.captum import AttnLRP, LLMAttnLRP  # noqa: E402
 from lrp_kernels.explanations.api import ExplainError, explain  # noqa: E402
+from helpers.shipped import load_shipped  # noqa: E402
 
 PROMPT = "k4 17 ; k9 42 ; k2 8 ; k5 3 ; ? k9"
 
 
 @pytest.fixture(scope="module")
 def shipped():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    tok = tr.AutoTokenizer.from_pretrained(SHIPPED_MODEL)
-    model = tr.AutoModelForCausalLM.from_pretrained(SHIPPED_MODEL, dtype=torch.float32).eval()
-    return model, tok
+    return load_shipped()
 
 
 def close(actual, expected, rtol=1e-4):

@@ -4,13 +4,10 @@ continuation, written as JSONL."""
 from __future__ import annotations
 
 import json
-import os
 import random
 from typing import List
 
-import torch
 
-from lrp_kernels.cli.explain import SHIPPED_MODEL
 
 
 def recall_prompt(rng: random.Random, pairs: int) -> tuple:
@@ -45,12 +42,3 @@ def write_jsonl(path, records) -> str:
         for r in records:
             f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
     return str(path)
-
-
-def load_shipped():
-    """The shipped recall Llama (float32, eval) and its tokenizer, offline."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(SHIPPED_MODEL)
-    model = AutoModelForCausalLM.from_pretrained(SHIPPED_MODEL, dtype=torch.float32).eval()
-    return model, tok
