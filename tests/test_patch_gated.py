@@ -15,7 +15,7 @@ EPS = 1e-6
 
 @pytest.mark.parametrize("act", [tF.silu, tF.gelu, torch.tanh])
 @pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)])
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("layout", ["strided", "blocks"])
 def test_gated_product_matches_identity_then_uniform(act, need, dtype, tol, layout, monkeypatch):
     """``strided``: a non-contiguous ``g`` (one pass); ``blocks``: contiguous inputs in blocks of
