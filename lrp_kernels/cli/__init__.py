@@ -70,6 +70,25 @@ def positive_float(text: str) -> float:
 positive_float.__name__ = "float"
 
 
+def add_model_options(p: argparse.ArgumentParser, *, rules: bool = True,
+                      backend_help: str = "kernel backend (default: auto)",
+                      device_help: str = "cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)") -> None:
+    """The options every command that loads and explains a causal LM shares: ``--model``,
+    ``--tokenizer``, ``--rules`` (unless ``rules=False``), ``--backend``, ``--dtype``, ``--device``."""
+    p.add_argument("--model", default=None,
+                   help="local model folder or Hugging Face hub id (default: the shipped "
+                        "recall-llama model)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer path or id (default: --model)")
+    if rules:
+        p.add_argument("--rules", default="attnlrp", choices=("attnlrp", "cp-lrp", "gradient"),
+                       help="attnlrp (default), cp-lrp or plain gradient x input")
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "cpp", "triton"),
+                   help=backend_help)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="model dtype (default: float32)")
+    p.add_argument("--device", default=None, help=device_help)
+
+
 def read_text_lines(path: str, name: str) -> list:
     """The lines of a UTF-8 text file the user named (``name``: how the messages call it, e.g.
     ``"--prompts"``); a missing, unreadable or non-UTF-8 file is a one-line :class:`CLIError`."""

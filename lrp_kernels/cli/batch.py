@@ -7,7 +7,7 @@ import os
 import sys
 
 from ..ops._common import DEFAULT_EPSILON
-from . import CLIError, int_at_least, positive_float
+from . import CLIError, add_model_options, int_at_least, positive_float
 from ._models import model_errors, usable_device
 
 EPILOG = """\
@@ -53,19 +53,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="output file: .jsonl, or .parquet (needs pyarrow)")
     p.add_argument("--format", choices=("jsonl", "parquet"), default=None,
                    help="output format (default: parquet for a .parquet/.pq path, else jsonl)")
-    p.add_argument("--model", default=None,
-                   help="local model folder or Hugging Face hub id (default: the shipped "
-                        "recall-llama model)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer path or id (default: --model)")
-    p.add_argument("--rules", default="attnlrp", choices=("attnlrp", "cp-lrp", "gradient"),
-                   help="attnlrp (default), cp-lrp or plain gradient x input")
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "cpp", "triton"),
-                   help="kernel backend (default: auto)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                   help="model dtype (default: float32)")
-    p.add_argument("--device", default=None,
-                   help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu; under a "
-                        "launcher each process takes cuda:LOCAL_RANK)")
+    add_model_options(p, device_help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu; "
+                                     "under a launcher each process takes cuda:LOCAL_RANK)")
     p.add_argument("--epsilon", type=positive_float, default=DEFAULT_EPSILON,
                    help=f"LRP stabiliser, a finite number > 0 (default: {DEFAULT_EPSILON:g})")
     p.add_argument("--max-length", type=int_at_least(1), default=None, metavar="N",

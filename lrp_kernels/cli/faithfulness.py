@@ -8,7 +8,7 @@ import os
 import sys
 from typing import List, Optional, Tuple
 
-from . import CLIError, int_at_least, read_text_lines
+from . import CLIError, add_model_options, int_at_least, read_text_lines
 from ._models import model_errors, usable_device
 
 EPILOG = """\
@@ -45,10 +45,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the held-out prompts and of the random attribution "
                         "(default: the held-out seed 20261127 and 0)")
-    p.add_argument("--model", default=None,
-                   help="local model folder or Hugging Face hub id (default: the shipped "
-                        "recall-llama model)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer path or id (default: --model)")
+    add_model_options(p, rules=False, backend_help="kernel backend of the LRP methods (default: auto)",
+                      device_help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--methods", default=",".join(METHODS),
                    help=f"comma-separated, among {', '.join(METHODS)} (default: all)")
     p.add_argument("--removal", default="zero", choices=REMOVALS,
@@ -62,11 +60,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--score", default="logit", choices=SCORES,
                    help="track the target's logit (default) or its probability")
     p.add_argument("--plot", metavar="PNG", help="write the mean curves as a PNG (needs matplotlib)")
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "cpp", "triton"),
-                   help="kernel backend of the LRP methods (default: auto)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                   help="model dtype (default: float32)")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p

@@ -7,7 +7,7 @@ import json
 import os
 
 from ..ops._common import DEFAULT_EPSILON
-from . import CLIError, int_at_least, positive_float, read_text_lines
+from . import CLIError, add_model_options, int_at_least, positive_float, read_text_lines
 from ._models import model_errors, usable_device
 
 DEFAULT_GENERATE = 32
@@ -58,18 +58,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="sources printed per answer sentence (default: 3)")
     p.add_argument("--out", metavar="NAME.html",
                    help="write the interactive viewer, and NAME.json and NAME.csv beside it")
-    p.add_argument("--model", default=None,
-                   help="local model folder or Hugging Face hub id (default: the shipped "
-                        "recall-llama model)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer path or id (default: --model)")
-    p.add_argument("--rules", default="attnlrp", choices=("attnlrp", "cp-lrp", "gradient"),
-                   help="attnlrp (default), cp-lrp or plain gradient x input")
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "cpp", "triton"),
-                   help="kernel backend (default: auto)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                   help="model dtype (default: float32)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if "
-                                                  "available, else cpu)")
+    add_model_options(p)
     p.add_argument("--max-length", type=int_at_least(1), default=None, metavar="N",
                    help="refuse prompts longer than this many tokens (default: model context)")
     p.add_argument("--epsilon", type=positive_float, default=DEFAULT_EPSILON,
