@@ -5,6 +5,7 @@
 
 #include "cpu_common.h"
 #include "epsilon.h"
+#include "gated.h"
 #include "norm.h"
 
 namespace lrp {
@@ -112,6 +113,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                       "grad_y and q must be floating-point");
           return lrp::cpu::epsilon_output_backward(grad_y, q, share);
         }, "gradient view: G_y * (1 - q) / share in G_y's dtype", py::arg("grad_y"), py::arg("q"), py::arg("share"));
+  m.def("gated_product_backward", [](const at::Tensor& grad_m, const at::Tensor& g, const at::Tensor& u, int act,
+                                     double eps, double producer_eps, bool need_g, bool need_u) {
+          for (const at::Tensor* t : {&grad_m, &g, &u}) {
+            TORCH_CHECK(t->device().is_cpu(), "grad_m, g and u must be CPU tensors");
+            TORCH_CHECK(t->sizes() == g.sizes() && t->scalar_type() == g.scalar_type(),
+                        "grad_m, g and u must have one shape and one dtype");
+          }
+          TORCH_CHECK(g.scalar_type() == at::kFloat || g.scalar_type() == at::kBFloat16 ||
+                      g.scalar_type() == at::kHalf, "gated_product_backward: float32/bfloat16/float16 only");
+          TORCH_CHECK(act == 0 || act == 1, "act must be 0 (silu) or 1 (gelu_tanh)");
+          TORCH_CHECK(eps > 0 && producer_eps >= 0, "eps must be > 0 and producer_eps >= 0");
+          return lrp::cpu::gated_product_backward(grad_m, g, u, static_cast<lrp::cpu::Activation>(act), eps,
+                                                  producer_eps, need_g, need_u);
+        }, "gradient view: (grad_m, g, u, act, eps, producer_eps, need_g, need_u) -> (G_g|None, G_u|None)",
+        py::arg("grad_m"), py::arg("g"), py::arg("u"), py::arg("act"), py::arg("eps"), py::arg("producer_eps"),
+        py::arg("need_g"), py::arg("need_u"));
   m.def("set_huge_page_advice", &lrp::cpu::set_huge_page_advice,
         "advise transparent huge pages for large CPU outputs (on) or not (off)", py::arg("on"));
   m.def("huge_page_advice", &lrp::cpu::huge_page_advice, "whether large CPU outputs get the huge-page advice");

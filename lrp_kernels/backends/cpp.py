@@ -1,9 +1,12 @@
-"""The ``cpp`` backend: C++ kernels for RMSNorm-identity and LayerNorm (``csrc/``).
+"""The ``cpp`` backend: C++ kernels for the norms, the epsilon rule's element-wise passes and the
+gated product's backward (``csrc/``).
 
 Imported lazily by :mod:`lrp_kernels.backends.dispatch` the first time backend ``cpp`` is asked
-about; registers the availability probe and four kernel ops (same signatures and results as
-the torch versions in :mod:`lrp_kernels.ops.norm`): ``rms_norm_forward``,
-``rms_norm_backward`` (gradient view), ``layer_norm_forward``, ``layer_norm_backward``.
+about; registers the availability probe and these kernel ops (same signatures and results as
+the torch versions): ``rms_norm_forward``, ``rms_norm_backward`` (gradient view),
+``layer_norm_forward``, ``layer_norm_backward`` (:mod:`lrp_kernels.ops.norm`),
+``epsilon_factor_gradient``, ``epsilon_output_backward`` (:mod:`lrp_kernels.ops.linear_epsilon`)
+and ``gated_product_backward`` (:mod:`lrp_kernels.ops.elementwise`; SiLU and tanh-GELU).
 
 Build, once per machine
     The extension is compiled with ``torch.utils.cpp_extension.load`` (ninja + the C++
@@ -55,9 +58,9 @@ ENV_DISABLE = "LRP_KERNELS_NO_CPP"
 ENV_HUGE_PAGES = "LRP_KERNELS_HUGE_PAGES"  # auto (default) | on | off
 ENV_CACHE = "LRP_KERNELS_CACHE_DIR"
 STALE_LOCK_SECONDS = 600.0  # a cold build takes ~30-60 s; ten minutes means it died
-CPU_SOURCES = ("bindings.cpp", "norm_cpu.cpp", "epsilon_cpu.cpp")
+CPU_SOURCES = ("bindings.cpp", "norm_cpu.cpp", "epsilon_cpu.cpp", "gated_cpu.cpp")
 CUDA_SOURCES = ("norm_cuda.cu",)
-HEADERS = ("norm.h", "norm_cuda_kernels.cuh", "cpu_common.h", "epsilon.h")
+HEADERS = ("norm.h", "norm_cuda_kernels.cuh", "cpu_common.h", "epsilon.h", "gated.h")
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _READY_MARKER = "build-info.json"  # written after a successful build; the .so is complete
 _TORCH_LOCK = "lock"  # torch.utils.file_baton.FileBaton's file in the build directory
@@ -141,8 +144,10 @@ def _cuda_wanted() -> bool:
 
 def _flags(with_cuda: bool) -> dict:
     # no FMA contraction: rounding like the torch ops (e.g. u - mean(u) is exactly 0 for one
-    # element); the kernels are memory-bound, so this costs nothing measurable
-    cflags = ["-O3", "-ffp-contract=off"]
+    # element); the kernels are memory-bound, so this costs nothing measurable.
+    # -fno-trapping-math changes no value (no FP traps are ever enabled): it lets gcc turn the
+    # clamps of the gated kernel's exp into vector min/max instead of giving up on the loop
+    cflags = ["-O3", "-ffp-contract=off", "-fno-trapping-math"]
     ldflags = []
     if sys.platform.startswith("linux"):
         # at::parallel_for's OpenMP pragma lives in a header: it only runs in parallel when this
@@ -499,6 +504,34 @@ def _supports_epsilon_output(grad_y, factor, share=1.0) -> Optional[str]:
     return _supports_tensor(grad_y) or _supports_tensor(factor)
 
 
+_ACTIVATION_CODES = {"silu": 0, "gelu_tanh": 1}  # csrc/gated.h's Activation
+
+
+def gated_product_backward_cpp(grad_m, g, u, act, epsilon, need_g, need_u, producer_epsilon=0.0, act_kind=None):
+    gg, gu = load_extension().gated_product_backward(grad_m, g, u, _ACTIVATION_CODES[act_kind], float(epsilon),
+                                                     float(producer_epsilon), bool(need_g), bool(need_u))
+    return (gg if need_g else None), (gu if need_u else None)
+
+
+def _supports_gated(grad_m, g, u, act, epsilon, need_g, need_u, producer_epsilon=0.0, act_kind=None) -> Optional[str]:
+    # variants the kernel does not cover run on the torch path even when cpp is forced
+    if act_kind not in _ACTIVATION_CODES:
+        return dispatch.NoKernel(f"activation {act_kind or getattr(act, '__name__', type(act).__name__)!r} has no "
+                                 f"C++ kernel (known: {', '.join(_ACTIVATION_CODES)})")
+    if not epsilon > 0:
+        return dispatch.NoKernel("needs epsilon > 0")
+    tensors = (grad_m, g, u)
+    if not all(isinstance(t, torch.Tensor) for t in tensors):
+        return "expected tensors"
+    if any(t.device.type != "cpu" for t in tensors):
+        return "CPU only"
+    if not (grad_m.shape == g.shape == u.shape and grad_m.dtype == g.dtype == u.dtype):
+        return dispatch.NoKernel("grad_m, g and u must have one shape and one dtype (no broadcasting)")
+    if g.dtype == torch.float64:
+        return dispatch.NoKernel("float64 runs on the torch path")
+    return _supports_tensor(g)
+
+
 dispatch.register_probe("cpp", probe)
 dispatch.register("rms_norm_forward", "cpp", rms_norm_forward_cpp, _supports_arg(0))
 dispatch.register("rms_norm_backward", "cpp", rms_norm_backward_cpp, _supports_arg(0))
@@ -506,3 +539,4 @@ dispatch.register("layer_norm_forward", "cpp", layer_norm_forward_cpp, _supports
 dispatch.register("layer_norm_backward", "cpp", layer_norm_backward_cpp, _supports_arg(1))
 dispatch.register("epsilon_factor_gradient", "cpp", epsilon_factor_gradient_cpp, _supports_epsilon_factor)
 dispatch.register("epsilon_output_backward", "cpp", epsilon_output_backward_cpp, _supports_epsilon_output)
+dispatch.register("gated_product_backward", "cpp", gated_product_backward_cpp, _supports_gated)

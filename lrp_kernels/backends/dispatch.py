@@ -21,7 +21,9 @@ Choosing a backend, most specific first:
 
 Forcing a backend that is unavailable raises :class:`BackendUnavailableError` with the reason.
 Forcing an available backend for an op it has no kernel for falls back to ``torch`` (every
-rule has a torch implementation; a backend accelerates a subset of ops).
+rule has a torch implementation; a backend accelerates a subset of ops), and so does forcing it
+for a *variant* its kernel does not cover (its ``supports`` returns a :class:`NoKernel` reason,
+e.g. an activation the fused gated-product kernel cannot recompute).
 """
 from __future__ import annotations
 
@@ -43,6 +45,12 @@ _ENV_VAR = "LRP_KERNELS_BACKEND"
 
 class BackendUnavailableError(RuntimeError):
     """Raised when a forced backend cannot run here; the message says why."""
+
+
+class NoKernel(str):
+    """A ``supports`` reason meaning "this backend has no kernel for this variant of the op"
+    (not "cannot run here"): a forced backend then falls back to ``torch``, as for an op it does
+    not implement, instead of raising."""
 
 
 @dataclass
@@ -220,6 +228,8 @@ def resolve(op: str, *args, backend: Optional[str] = None, **kwargs) -> tuple[st
         impl = impls.get(choice)
         if impl is not None:
             reason = impl.supports(*args, **kwargs) if impl.supports else None
+            if isinstance(reason, NoKernel):
+                return "torch", impls["torch"].fn
             if reason is not None:
                 raise BackendUnavailableError(f"backend {choice!r} cannot run {op}: {reason}")
             return choice, impl.fn

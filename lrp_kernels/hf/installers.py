@@ -33,8 +33,10 @@ import inspect
 import torch
 from torch import nn
 
+from ..backends import dispatch
 from ..ops import grad
-from ..ops.elementwise import gated_product
+from ..ops._common import recording, stand_in
+from ..ops.elementwise import activation_kind, gated_product
 from ..ops.linear_epsilon import epsilon_module
 
 
@@ -249,11 +251,35 @@ def install_stop_input(handle, name: str, module: nn.Module) -> None:
     handle.rebind(module, make)
 
 
+def _unobserved_plain_linear(module: nn.Module) -> bool:
+    """A plain ``nn.Linear`` whose output nobody else sees (no forward hooks, no accelerate
+    hook): ``F.linear`` on its weight then stands for calling it."""
+    return (is_plain_linear(module) and not module._forward_hooks and not module._forward_pre_hooks
+            and not getattr(module, "_hf_hook", None) and not nn.modules.module._global_forward_hooks
+            and not nn.modules.module._global_forward_pre_hooks)
+
+
+def _folds_producers(handle, x: torch.Tensor, gate: nn.Module, up: nn.Module, act_fn) -> bool:
+    """Whether the gate and up linears' epsilon rescale runs inside the product's backward
+    (``gated_product(producer_epsilon=...)``, one pass) instead of in their own: where a fused
+    kernel serves that backward (the dispatcher says, from stand-ins of the outputs), outside the
+    conservation check (which checks each rule on its own) and for unobserved plain linears."""
+    if recording() or not (_unobserved_plain_linear(gate) and _unobserved_plain_linear(up)):
+        return False
+    if gate.weight.shape != up.weight.shape or gate.weight.dtype != up.weight.dtype:
+        return False
+    out = stand_in(gate.weight, (*x.shape[:-1], gate.out_features))
+    return dispatch.chosen_backend("gated_product_backward", out, out, out, act_fn, handle.epsilon, True, True,
+                                   handle.epsilon, activation_kind(act_fn), backend=handle.backend) != "torch"
+
+
 def gated_mlp_forward(handle, module: nn.Module, gate: str = "gate_proj", up: str = "up_proj",
                       down: str = "down_proj", act: str = "act_fn"):
     """``down(act(gate(x)) * up(x))`` with the identity rule on ``act`` and the uniform rule on
     the product (:func:`~lrp_kernels.ops.elementwise.gated_product`; ``grad.mul2`` after the
-    activation's own rule for activations that are not element-wise)."""
+    activation's own rule for activations that are not element-wise). Where a fused kernel
+    serves the product's backward, the gate and up linears' epsilon rule runs in that same pass
+    (:func:`_folds_producers`): their own backward is then the plain GEMM."""
     g, u, d, a = (getattr(module, n) for n in (gate, up, down, act))
     if not is_elementwise_activation(a):
         def forward(x):
@@ -262,6 +288,11 @@ def gated_mlp_forward(handle, module: nn.Module, gate: str = "gate_proj", up: st
     act_fn = a.forward  # the activation's own forward, taken before its identity rule is installed
 
     def fused(x):
+        if _folds_producers(handle, x, g, u, act_fn):
+            gz = torch.nn.functional.linear(x, g.weight, g.bias)
+            uz = torch.nn.functional.linear(x, u.weight, u.bias)
+            return d(gated_product(gz, uz, act_fn, handle.epsilon, backend=handle.backend,
+                                   producer_epsilon=handle.epsilon))
         return d(gated_product(g(x), u(x), act_fn, handle.epsilon, backend=handle.backend))
     return fused
 

@@ -245,40 +245,74 @@ def identity(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, epsilo
 # gradient, stab(g)) then cost a few MiB instead of three MLP activations each at the peak.
 GATED_BACKWARD_BLOCK = 1 << 18
 
+# Activations the fused (cpp) backward recomputes itself, by name; any other element-wise
+# callable runs on the torch path.
+KNOWN_ACTIVATIONS = ("silu", "gelu_tanh")
+_ACTIVATION_CLASSES = {"SiLU": "silu", "SiLUActivation": "silu", "GELUTanh": "gelu_tanh",
+                       "PytorchGELUTanh": "gelu_tanh", "NewGELUActivation": "gelu_tanh",
+                       "GELUPytorchTanh": "gelu_tanh"}
 
-def _gated_product_backward_block(grad_m, g, u, act, epsilon, k, gg, gu):
+
+def activation_kind(act: Callable) -> Optional[str]:
+    """``"silu"`` / ``"gelu_tanh"`` for an activation whose formula is known (``F.silu``,
+    ``nn.SiLU``, ``nn.GELU(approximate="tanh")``, transformers' tanh-GELU classes, or their bound
+    ``forward``), else ``None``."""
+    if act is torch.nn.functional.silu:
+        return "silu"
+    module = getattr(act, "__self__", act)  # a bound forward -> its module
+    if isinstance(module, torch.nn.GELU):
+        return "gelu_tanh" if module.approximate == "tanh" else None
+    cls = type(module)
+    if cls.__module__.startswith(("torch.nn.", "transformers.activations")):  # not a user's look-alike
+        return _ACTIVATION_CLASSES.get(cls.__name__)
+    return None
+
+
+def _producer_factor(z: torch.Tensor, producer_epsilon: float, cd: torch.dtype) -> torch.Tensor:
+    """``z / stab(z)`` of the epsilon linear that produced ``z``, as ``1 - q``
+    (:func:`lrp_kernels.ops.linear_epsilon.epsilon_factor_gradient_torch`)."""
+    from .linear_epsilon import epsilon_factor_gradient_torch
+
+    return epsilon_factor_gradient_torch(z, producer_epsilon, cd).neg_().add_(1.0)
+
+
+def _gated_product_backward_block(grad_m, g, u, act, epsilon, k, gg, gu, producer_epsilon):
     cd = compute_dtype(grad_m, g, u)
     with torch.no_grad():
         s = act(g).to(cd)
     h = grad_m.to(cd) * k
     if gu is not None:
-        gu.copy_(h * s)
+        hs = h * s
+        gu.copy_(hs.mul_(_producer_factor(u, producer_epsilon, cd)) if producer_epsilon else hs)
     if gg is not None:
-        gg.copy_(s.mul_(h.mul_(u.to(cd))).div_(stabilize(g, epsilon)))
+        out = s.mul_(h.mul_(u.to(cd))).div_(stabilize(g, epsilon))
+        gg.copy_(out.mul_(_producer_factor(g, producer_epsilon, cd)) if producer_epsilon else out)
 
 
-def gated_product_backward_torch(grad_m, g, u, act, epsilon, need_g, need_u):
+def gated_product_backward_torch(grad_m, g, u, act, epsilon, need_g, need_u, producer_epsilon=0.0, act_kind=None):
     """Gradient view, one step: ``s = act(g)`` (recomputed: the plain model keeps it anyway),
     ``G_u = G_m * s / k``, ``G_g = (G_m * u / k) * s / stab(g)``; ``k = 2`` if both need it.
+    ``producer_epsilon > 0``: ``g`` and ``u`` came from epsilon linears whose output rescale
+    ``z / stab(z)`` is applied here too (their own backward is then the plain GEMM).
 
     Same-shape contiguous inputs run in blocks of :data:`GATED_BACKWARD_BLOCK` elements (``act``
-    is element-wise), so only the two results are activation-sized."""
+    is element-wise), so only the two results are activation-sized. ``act_kind`` is for the
+    fused kernels (this path calls ``act``)."""
     k = 0.5 if (need_g and need_u) else 1.0
     if not (g.shape == u.shape == grad_m.shape and all(t.is_contiguous() for t in (grad_m, g, u))):
         # broadcast or strided inputs: one block over the broadcast shape, reduced to each input
-        cd = compute_dtype(grad_m, g, u)
-        with torch.no_grad():
-            s = act(g).to(cd)
-        h = grad_m.to(cd) * k
-        gu = _reduce_to(h * s, u) if need_u else None
-        gg = _reduce_to(s * (h * u.to(cd)) / stabilize(g, epsilon), g) if need_g else None
-        return gg, gu
+        shape = torch.broadcast_shapes(grad_m.shape, g.shape, u.shape)
+        full = [t.expand(shape).contiguous() for t in (grad_m, g, u)]
+        gg = torch.empty(shape, dtype=g.dtype, device=g.device) if need_g else None
+        gu = torch.empty(shape, dtype=u.dtype, device=u.device) if need_u else None
+        _gated_product_backward_block(*full, act, epsilon, k, gg, gu, producer_epsilon)
+        return (_reduce_to(gg, g) if need_g else None), (_reduce_to(gu, u) if need_u else None)
     gg = torch.empty_like(g) if need_g else None
     gu = torch.empty_like(u) if need_u else None
     flat = [t.view(-1) if t is not None else None for t in (grad_m, g, u, gg, gu)]
     for start in range(0, g.numel(), GATED_BACKWARD_BLOCK):
         block = [t[start:start + GATED_BACKWARD_BLOCK] if t is not None else None for t in flat]
-        _gated_product_backward_block(*block[:3], act, epsilon, k, *block[3:])
+        _gated_product_backward_block(*block[:3], act, epsilon, k, *block[3:], producer_epsilon)
     return gg, gu
 
 
@@ -290,8 +324,9 @@ class GatedProductFn(torch.autograd.Function):
     :func:`mul` (gradient view), with fewer passes and no activation-sized tensor saved."""
 
     @staticmethod
-    def forward(ctx, g, u, act, epsilon, backend):
+    def forward(ctx, g, u, act, epsilon, backend, producer_epsilon=0.0, act_kind=None):
         ctx.act, ctx.epsilon, ctx.backend = act, epsilon, backend
+        ctx.producer_epsilon, ctx.act_kind = producer_epsilon, act_kind
         ctx.save_for_backward(g, u)
         m = act(g) * u
         record_forward(ctx, "gated_product", (g, u), m)
@@ -302,22 +337,34 @@ class GatedProductFn(torch.autograd.Function):
         g, u = ctx.saved_tensors
         need_g, need_u = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         gg, gu = dispatch.call("gated_product_backward", grad_m, g, u, ctx.act, ctx.epsilon, need_g, need_u,
-                               backend=ctx.backend)
-        record_backward(ctx, (gg, gu), grad_m, False, True)
-        return gg, gu, None, None, None
+                               ctx.producer_epsilon, ctx.act_kind, backend=ctx.backend)
+        # with the producers' rescale folded in, the product alone is not what conserves
+        record_backward(ctx, (gg, gu), grad_m, False, not ctx.producer_epsilon)
+        return gg, gu, None, None, None, None, None
 
 
 def gated_product(g: torch.Tensor, u: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor],
-                  epsilon: float = DEFAULT_EPSILON, *, backend: Optional[str] = None) -> torch.Tensor:
+                  epsilon: float = DEFAULT_EPSILON, *, backend: Optional[str] = None,
+                  producer_epsilon: float = 0.0) -> torch.Tensor:
     """``act(g) * u`` for an element-wise ``act`` (a gated MLP's product), gradient view: the
-    identity rule on ``act`` and the uniform rule on the product."""
+    identity rule on ``act`` and the uniform rule on the product.
+
+    ``producer_epsilon``: ``g`` and ``u`` are the outputs of two *plain* linears that stand for
+    epsilon-rule linears with this epsilon: their output rescale ``z / stab(z)`` runs in this
+    backward's pass, so their own backward is just the GEMM (what
+    :func:`lrp_kernels.patch` does for gated MLPs where a fused kernel serves this op; the
+    result equals :func:`~lrp_kernels.ops.grad.linear_epsilon` on both followed by this rule)."""
     if not callable(act):
         raise TypeError(f"act must be callable, got {type(act).__name__}")
     check_float("g", g)
     check_float("u", u)
     check_same_device(g=g, u=u)
     check_epsilon(epsilon)
-    return GatedProductFn.apply(g, u, act, epsilon, pin_backend(backend))
+    if isinstance(producer_epsilon, bool) or not isinstance(producer_epsilon, (int, float)) \
+            or not 0 <= producer_epsilon < float("inf"):
+        raise ValueError(f"producer_epsilon must be a finite number >= 0, got {producer_epsilon!r}")
+    return GatedProductFn.apply(g, u, act, epsilon, pin_backend(backend), float(producer_epsilon),
+                                activation_kind(act))
 
 
 # ---- stop ----------------------------------------------------------------------------------
