@@ -31,6 +31,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="rule backend of the patch (default auto)")
     p.add_argument("--rules", default="attnlrp", choices=("attnlrp", "cp-lrp"))
     p.add_argument("--checkpointing", action="store_true", help="enable gradient checkpointing")
+    p.add_argument("--repeats", type=int_at_least(1), default=1,
+                   help="runs per mode and length, interleaved; the table shows medians (default 1)")
     p.add_argument("--json", action="store_true", help="one JSON line per length and mode instead of a table")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -74,7 +76,8 @@ def run(args) -> int:
     from ..hf.patching import UnsupportedModelError
     try:
         rows = profile(model, lens, batch=args.batch, checkpointing=args.checkpointing,
-                       backend=args.backend, rules=args.rules, progress=not args.no_progress)
+                       backend=args.backend, rules=args.rules, progress=not args.no_progress,
+                       repeats=args.repeats)
     except UnsupportedModelError as err:
         from ._models import unsupported_message
         raise CLIError(f"--model {args.model!r}: {unsupported_message(err, flag=None)} "

@@ -2,7 +2,7 @@
 against a plain forward + input-gradient pass of the same model in the same run.
 
 Per length ``n`` (random token ids, batch 1 by default), two modes, each one forward and one
-backward of the logit of the most likely next token at the last position (only that
+backward (``repeats``: several, interleaved, medians reported) of the logit of the most likely next token at the last position (only that
 position's logits are computed: ``logits_to_keep=1``):
 
 * ``plain``: the unpatched model (SDPA attention), parameters frozen, gradient w.r.t. the input
@@ -210,16 +210,36 @@ def _mode_attention(mode: str) -> str:
     return mode.split("-", 1)[1] if "-" in mode else "auto"
 
 
+def _median_run(runs: Sequence[dict]) -> dict:
+    """One row from repeated runs: the median of each time and of the peak (all runs kept)."""
+    import statistics
+
+    out = dict(runs[-1])
+    for key in ("forward_s", "backward_s", "total_s", "peak_bytes"):
+        out[key] = statistics.median(r[key] for r in runs)
+    out["peak_bytes"] = int(out["peak_bytes"])
+    out["finite"] = all(r["finite"] for r in runs)
+    if len(runs) > 1:
+        out["repeats"] = len(runs)
+        out["total_s_runs"] = [r["total_s"] for r in runs]
+        out["peak_bytes_runs"] = [r["peak_bytes"] for r in runs]
+    return out
+
+
 def profile(model, seq_lens: Sequence[int], *, batch: int = 1, checkpointing: bool = False,
             backend: str = "auto", rules: str = "attnlrp", warmup: int = 16, seed: int = 0,
-            progress: bool = True, attentions: Sequence[str] = ("auto",)) -> list[dict]:
+            progress: bool = True, attentions: Sequence[str] = ("auto",), repeats: int = 1) -> list[dict]:
     """Rows (one per length and mode) with forward/backward/total seconds, peak bytes and, for
     the ``lrp`` rows, ``time_ratio`` / ``memory_ratio`` to the ``plain`` row of that length.
 
     ``attentions``: the patch's ``attention=`` choices to measure, one ``lrp`` row each
-    (``"auto"`` -> mode ``lrp``, ``"exact"`` -> ``lrp-exact``, ...)."""
+    (``"auto"`` -> mode ``lrp``, ``"exact"`` -> ``lrp-exact``, ...). ``repeats``: runs per mode,
+    interleaved (the mode order reverses every other round, so no mode always runs first after
+    a given other); rows then hold medians, and every run's total and peak."""
     from tqdm.auto import tqdm
 
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     vocab = model.get_input_embeddings().num_embeddings
@@ -235,19 +255,24 @@ def profile(model, seq_lens: Sequence[int], *, batch: int = 1, checkpointing: bo
                     _explain_once(model, ids, device, lambda _: None)
         for n in seq_lens:
             ids = torch.randint(vocab, (batch, int(n)), generator=gen).to(device)
-            bar = tqdm(total=2 * len(modes), desc=f"seq {n}", unit="phase", disable=not progress, leave=False)
-            by_mode = {}
+            bar = tqdm(total=2 * len(modes) * repeats, desc=f"seq {n}", unit="phase", disable=not progress,
+                       leave=False)
+            runs: dict[str, list] = {m: [] for m in modes}
+            for rep in range(repeats):
+                for mode in (modes if rep % 2 == 0 else modes[::-1]):
+                    gc.collect()
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    step = lambda phase, m=mode: (bar.set_postfix_str(f"{m} {phase}"), bar.update(1))  # noqa: E731
+                    if mode != "plain":
+                        with _patched(model, backend, rules, _mode_attention(mode)):
+                            runs[mode].append(_explain_once(model, ids, device, step))
+                    else:
+                        runs[mode].append(_explain_once(model, ids, device, step))
+            bar.close()
+            by_mode = {m: _median_run(r) for m, r in runs.items()}
             for mode in modes:
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                step = lambda phase, m=mode: (bar.set_postfix_str(f"{m} {phase}"), bar.update(1))  # noqa: E731
-                if mode != "plain":
-                    with _patched(model, backend, rules, _mode_attention(mode)):
-                        res = _explain_once(model, ids, device, step)
-                else:
-                    res = _explain_once(model, ids, device, step)
-                by_mode[mode] = res
+                res = by_mode[mode]
                 row = {"seq": int(n), "batch": batch, "mode": mode, "device": str(device),
                        "dtype": str(dtype).replace("torch.", ""), "checkpointing": checkpointing, **res}
                 if mode != "plain":
@@ -255,7 +280,6 @@ def profile(model, seq_lens: Sequence[int], *, batch: int = 1, checkpointing: bo
                     row["time_ratio"] = res["total_s"] / max(base["total_s"], 1e-12)
                     row["memory_ratio"] = res["peak_bytes"] / max(base["peak_bytes"], 1)
                 rows.append(row)
-            bar.close()
     return rows
 
 
