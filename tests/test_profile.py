@@ -29,6 +29,46 @@ def test_profile_rows_tiny_model():
     assert model.config._attn_implementation == "sdpa"
 
 
+def test_profile_repeats_are_interleaved_medians(monkeypatch):
+    import lrp_kernels.tools.profile as P
+
+    totals = iter([5.0, 1.0, 2.0, 4.0, 3.0, 6.0])  # plain, lrp, lrp, plain, plain, lrp
+
+    def fake_once(model, ids, device, on_phase):
+        t = next(totals)
+        return {"forward_s": t / 2, "backward_s": t / 2, "total_s": t, "peak_bytes": int(t * 100), "finite": True}
+
+    model = build_model("llama-tiny", device="cpu", max_len=64)
+    monkeypatch.setattr(P, "_explain_once", fake_once)
+    rows = P.profile(model, [16], warmup=0, progress=False, repeats=3)
+    plain, lrp = rows
+    assert plain["total_s_runs"] == [5.0, 4.0, 3.0] and lrp["total_s_runs"] == [1.0, 2.0, 6.0]
+    assert plain["total_s"] == 4.0 and lrp["total_s"] == 2.0 and plain["repeats"] == 3
+    assert plain["peak_bytes"] == 400 and lrp["time_ratio"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="repeats"):
+        P.profile(model, [16], warmup=0, progress=False, repeats=0)
+
+
+@pytest.mark.parametrize("kernel_peak", [True, False])
+def test_rss_peak_sees_a_freed_allocation(kernel_peak, monkeypatch):
+    """The peak of a block that allocates and frees 256 MiB (touched) is at least that, whether
+    the kernel's counter (Linux VmHWM) or the sampling thread measures it."""
+    import lrp_kernels.tools.profile as P
+
+    if kernel_peak and not P._reset_kernel_peak():
+        pytest.skip("this kernel does not let a process reset its peak RSS")
+    if not kernel_peak:
+        monkeypatch.setattr(P, "_reset_kernel_peak", lambda: False)
+    with P._RssPeak() as rss:
+        t = torch.ones(64 * 2**20)  # 256 MiB, every page touched
+        if not kernel_peak:
+            import time
+            time.sleep(0.05)  # the sampler's turn
+        del t
+    assert rss.kernel_peak is kernel_peak
+    assert rss.extra >= 200 * 2**20
+
+
 def test_profile_with_checkpointing_restores_model():
     model = build_model("llama-tiny", device="cpu", max_len=64)
     rows = profile(model, [16], warmup=0, checkpointing=True, progress=False)
