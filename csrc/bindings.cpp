@@ -49,6 +49,16 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& x, const O
   return cpu::rms_norm_forward(x, weight, eps);
 }
 
+at::Tensor rms_norm_rstd(const at::Tensor& x, double eps) {
+  check_x(x, "x");
+#ifdef LRP_WITH_CUDA
+  if (on_cuda(x)) return std::get<1>(cuda::rms_norm_forward(x, std::nullopt, eps));
+#else
+  on_cuda(x);
+#endif
+  return cpu::rms_norm_rstd(x, eps);
+}
+
 at::Tensor rms_norm_backward(const at::Tensor& grad_y, const OptTensor& weight, const at::Tensor& rstd) {
   check_x(grad_y, "grad_y");
   check_param(weight, grad_y, "weight");
@@ -93,6 +103,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lrp_kernels C++ kernels: RMSNorm-identity and LayerNorm (SPEC.md)";
   m.def("rms_norm_forward", &lrp::rms_norm_forward, "(x, weight|None, eps) -> (y, rstd)",
         py::arg("x"), py::arg("weight"), py::arg("eps"));
+  m.def("rms_norm_rstd", &lrp::rms_norm_rstd, "(x, eps) -> rstd = 1 / sqrt(mean(x^2) + eps) (no y written)",
+        py::arg("x"), py::arg("eps"));
   m.def("rms_norm_backward", &lrp::rms_norm_backward, "gradient view: (grad_y, weight|None, rstd) -> grad_x",
         py::arg("grad_y"), py::arg("weight"), py::arg("rstd"));
   m.def("layer_norm_forward", &lrp::layer_norm_forward, "(x, weight|None, bias|None, eps) -> (y, mean, rstd)",

@@ -32,8 +32,12 @@ at::Tensor layer_norm_backward(const at::Tensor& grad_y, const at::Tensor& x, co
                                const OptTensor& bias, const at::Tensor& mean, const at::Tensor& rstd,
                                double epsilon, bool relevance);
 
+// rstd alone (no y written), for callers that take y from the module's own forward.
+at::Tensor rms_norm_rstd(const at::Tensor& x, double eps);
+
 namespace cpu {
 std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& x, const OptTensor& weight, double eps);
+at::Tensor rms_norm_rstd(const at::Tensor& x, double eps);
 at::Tensor rms_norm_backward(const at::Tensor& grad_y, const OptTensor& weight, const at::Tensor& rstd);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward(const at::Tensor& x, const OptTensor& weight,
                                                                   const OptTensor& bias, double eps);

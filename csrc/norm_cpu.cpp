@@ -24,7 +24,7 @@ void rms_forward(const T* x, const A* w, T* y, A* rstd, int64_t rows, int64_t H,
   at::parallel_for(0, rows, grain(H), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = x + r * H;
-      T* yr = y + r * H;
+      T* yr = y == nullptr ? nullptr : y + r * H;
       A ss = 0;
 #pragma omp simd reduction(+ : ss)
       for (int64_t i = 0; i < H; ++i) {
@@ -33,6 +33,7 @@ void rms_forward(const T* x, const A* w, T* y, A* rstd, int64_t rows, int64_t H,
       }
       const A rs = A(1) / std::sqrt(ss / A(H) + eps);
       rstd[r] = rs;
+      if (y == nullptr) continue;  // statistics only (the module's own forward gives y)
 #pragma omp simd
       for (int64_t i = 0; i < H; ++i) yr[i] = store<T>(load<A>(xr[i]) * rs * w[i]);
     }
@@ -157,6 +158,19 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& x_in, cons
                           rstd.data_ptr<A>(), rows, H, static_cast<A>(eps));
   });
   return {y, rstd};
+}
+
+at::Tensor rms_norm_rstd(const at::Tensor& x_in, double eps) {
+  const at::Tensor x = x_in.contiguous();
+  const int64_t H = x.size(-1), rows = rows_of(x);
+  const at::Tensor w = param_or(std::nullopt, H, 1.0, acc_type(x.scalar_type()));
+  at::Tensor rstd = stat_tensor(x);
+  LRP_DISPATCH(x.scalar_type(), "lrp_rms_norm_rstd", [&] {
+    using A = acc_t<scalar_t>;
+    rms_forward<scalar_t>(x.data_ptr<scalar_t>(), w.data_ptr<A>(), nullptr, rstd.data_ptr<A>(), rows, H,
+                          static_cast<A>(eps));
+  });
+  return rstd;
 }
 
 at::Tensor rms_norm_backward(const at::Tensor& grad_y, const OptTensor& weight, const at::Tensor& rstd_in) {

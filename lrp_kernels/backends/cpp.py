@@ -3,7 +3,7 @@ gated product's backward (``csrc/``).
 
 Imported lazily by :mod:`lrp_kernels.backends.dispatch` the first time backend ``cpp`` is asked
 about; registers the availability probe and these kernel ops (same signatures and results as
-the torch versions): ``rms_norm_forward``, ``rms_norm_backward`` (gradient view),
+the torch versions): ``rms_norm_forward``, ``rms_norm_rstd``, ``rms_norm_backward`` (gradient view),
 ``layer_norm_forward``, ``layer_norm_backward`` (:mod:`lrp_kernels.ops.norm`),
 ``epsilon_factor_gradient``, ``epsilon_output_backward`` (:mod:`lrp_kernels.ops.linear_epsilon`)
 and ``gated_product_backward`` (:mod:`lrp_kernels.ops.elementwise`; SiLU and tanh-GELU).
@@ -462,6 +462,10 @@ def rms_norm_forward_cpp(x: torch.Tensor, weight: Optional[torch.Tensor], eps: f
     return tuple(load_extension().rms_norm_forward(x, weight, float(eps)))
 
 
+def rms_norm_rstd_cpp(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return load_extension().rms_norm_rstd(x, float(eps))
+
+
 def rms_norm_backward_cpp(grad_y: torch.Tensor, weight: Optional[torch.Tensor], rstd: torch.Tensor):
     return load_extension().rms_norm_backward(grad_y, weight, rstd)
 
@@ -534,6 +538,7 @@ def _supports_gated(grad_m, g, u, act, epsilon, need_g, need_u, producer_epsilon
 
 dispatch.register_probe("cpp", probe)
 dispatch.register("rms_norm_forward", "cpp", rms_norm_forward_cpp, _supports_arg(0))
+dispatch.register("rms_norm_rstd", "cpp", rms_norm_rstd_cpp, _supports_arg(0))
 dispatch.register("rms_norm_backward", "cpp", rms_norm_backward_cpp, _supports_arg(0))
 dispatch.register("layer_norm_forward", "cpp", layer_norm_forward_cpp, _supports_arg(0))
 dispatch.register("layer_norm_backward", "cpp", layer_norm_backward_cpp, _supports_arg(1))

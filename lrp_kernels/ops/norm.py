@@ -18,7 +18,8 @@ LayerNorm, ``y = w * (x - mean(x)) * rstd + b``:
 
 ``normalize`` (``x / max(||x||_p, eps)``) uses the identity rule: the norm is a constant.
 
-Kernel ops: ``rms_norm_forward`` -> ``(y, rstd)``, ``rms_norm_backward`` (gradient view),
+Kernel ops: ``rms_norm_forward`` -> ``(y, rstd)``, ``rms_norm_rstd`` (``rstd`` alone, where
+the module's own forward gives ``y``), ``rms_norm_backward`` (gradient view),
 ``layer_norm_forward`` -> ``(y, mean, rstd)``, ``layer_norm_backward`` (both views).
 Statistics are computed in float32 (or float64 for float64 input).
 """
@@ -41,6 +42,11 @@ def rms_norm_forward_torch(x: torch.Tensor, weight: Optional[torch.Tensor], eps:
     if weight is not None:
         y = y * weight.to(cd)
     return y.to(x.dtype), rstd.squeeze(-1)
+
+
+def rms_norm_rstd_torch(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``rstd = 1 / sqrt(mean(x^2) + eps)`` over the last dim, in float32 or higher."""
+    return torch.rsqrt(x.to(compute_dtype(x)).pow(2).mean(-1) + eps)
 
 
 def rms_norm_backward_torch(grad_y: torch.Tensor, weight: Optional[torch.Tensor], rstd: torch.Tensor):
@@ -84,6 +90,7 @@ def layer_norm_backward_torch(grad_y, x, weight, bias, mean, rstd, epsilon, rele
 
 
 dispatch.register("rms_norm_forward", "torch", rms_norm_forward_torch)
+dispatch.register("rms_norm_rstd", "torch", rms_norm_rstd_torch)
 dispatch.register("rms_norm_backward", "torch", rms_norm_backward_torch)
 dispatch.register("layer_norm_forward", "torch", layer_norm_forward_torch)
 dispatch.register("layer_norm_backward", "torch", layer_norm_backward_torch)
@@ -106,9 +113,11 @@ def _check_norm(x, weight, bias, eps, name="weight"):
 class RMSNormIdentityFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, relevance, backend, forward_fn):
-        y, rstd = dispatch.call("rms_norm_forward", x, weight, eps, backend=backend)
-        if forward_fn is not None:  # the values of the module's own forward, bit for bit
+        if forward_fn is not None:  # the values of the module's own forward, bit for bit; rstd only
+            rstd = dispatch.call("rms_norm_rstd", x, eps, backend=backend)
             y = forward_fn(x)
+        else:
+            y, rstd = dispatch.call("rms_norm_forward", x, weight, eps, backend=backend)
         ctx.relevance, ctx.backend, ctx.x_dtype = relevance, backend, x.dtype
         ctx.save_for_backward(weight, rstd)
         record_forward(ctx, "rms_norm_identity", (x,), y)

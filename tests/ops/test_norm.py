@@ -125,6 +125,13 @@ def test_rms_norm_ops(ext, shape, dtype, weight):
     close_to_torch(y, y_t, dtype)
     torch.testing.assert_close(rstd, rstd_t, rtol=1e-5 if dtype != torch.float64 else 1e-12, atol=0)
     assert rel(y, O.rms_norm(x, w, eps)) < ORACLE_TOL[dtype]
+    # the statistics alone (what a patch uses next to the module's own forward): the same rstd
+    for backend in ("cpp", "torch"):
+        alone = dispatch.call("rms_norm_rstd", x, eps, backend=backend)
+        assert alone.dtype == rstd_t.dtype and alone.shape == shape[:-1]
+        torch.testing.assert_close(alone, rstd_t, rtol=1e-5 if dtype != torch.float64 else 1e-12, atol=0)
+    want = 1 / (x.double().pow(2).mean(-1) + eps).sqrt()
+    assert rel(dispatch.call("rms_norm_rstd", x, eps, backend="cpp"), want) < (1e-12 if dtype == torch.float64 else 1e-6)
 
     gx = dispatch.call("rms_norm_backward", gy, w, rstd, backend="cpp")
     close_to_torch(gx, dispatch.call("rms_norm_backward", gy, w, rstd_t, backend="torch"), dtype)
@@ -275,3 +282,17 @@ def test_cpp_cuda_tensors(ext):
         assert rel(out.cpu(), O.layer_norm_G(xd.cpu(), wd.cpu(), gd.cpu(), 1e-5)) < ORACLE_TOL[dtype]
         out = dispatch.call("layer_norm_backward", gd, xd, wd, bd, mu, rs, 1e-6, True, backend="cpp")
         assert_ln_relevance(out.cpu(), xd.cpu(), wd.cpu(), bd.cpu(), gd.cpu(), 1e-5, 1e-6, dtype)
+
+
+def test_rms_norm_identity_with_the_modules_forward_computes_only_the_statistics(monkeypatch):
+    """Given the module's own forward (what patches pass), the rule computes rstd alone: no second
+    normalised output is written, and the values are the module's, bit for bit."""
+    ref = nn.RMSNorm(67, eps=1e-6)
+    x = torch.randn(5, 67, requires_grad=True)
+    impl = dispatch._REGISTRY["rms_norm_forward"]["torch"]
+    monkeypatch.setattr(impl, "fn", lambda *a, **k: pytest.fail("rms_norm_forward ran"))
+    y = G.rms_norm_identity(x, ref.weight, 1e-6, forward_fn=ref.forward, backend="torch")
+    assert torch.equal(y, ref(x))
+    gy = torch.randn(5, 67)
+    y.backward(gy)
+    assert rel(x.grad, O.rms_norm_G(x, ref.weight, gy, 1e-6)) < 1e-6
