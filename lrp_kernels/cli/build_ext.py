@@ -11,8 +11,9 @@ from . import CLIError
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "build-ext", help="prebuild the C++ kernels (otherwise built on first use)",
-        description="Compile the C++ extension (RMSNorm-identity, LayerNorm; the CUDA variant too "
-                    "when torch has CUDA and nvcc is found) into the user cache and print where "
+        description="Compile the C++ extension (RMSNorm-identity, LayerNorm, the epsilon factor, the "
+                    "gated product's backward; the norms' CUDA variant too when torch has CUDA and "
+                    "nvcc is found) into the user cache and print where "
                     "it went and how long it took. A build that is up to date only loads.")
     p.add_argument("--verbose", action="store_true", help="show the compiler commands and output")
     p.add_argument("--json", action="store_true", help="one JSON object instead of text")
