@@ -72,10 +72,11 @@ def check_same_dtype(**tensors: Optional[torch.Tensor]) -> None:
         raise TypeError(f"expected one dtype for all tensors, got {listed}")
 
 
-def check_epsilon(epsilon: float) -> None:
-    """A finite number >= 0 (NaN would make every relevance NaN, inf every relevance 0)."""
+def check_epsilon(epsilon: float, name: str = "epsilon") -> None:
+    """A finite number >= 0 (NaN would make every relevance NaN, inf every relevance 0);
+    the error names the argument ``name``."""
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not 0 <= epsilon < math.inf:
-        raise ValueError(f"epsilon must be a finite number >= 0, got {epsilon!r}")
+        raise ValueError(f"{name} must be a finite number >= 0, got {epsilon!r}")
 
 
 def zero_masked(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

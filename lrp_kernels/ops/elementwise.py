@@ -26,6 +26,7 @@ from ..backends import dispatch
 from ._common import (DEFAULT_EPSILON, check_epsilon, check_float, check_same_device,
                       compute_dtype, is_zero, pin_backend, record_backward, record_forward,
                       stabilize)
+from .linear_epsilon import epsilon_factor_gradient_torch
 
 
 def _reduce_to(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -245,9 +246,8 @@ def identity(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, epsilo
 # gradient, stab(g)) then cost a few MiB instead of three MLP activations each at the peak.
 GATED_BACKWARD_BLOCK = 1 << 18
 
-# Activations the fused (cpp) backward recomputes itself, by name; any other element-wise
-# callable runs on the torch path.
-KNOWN_ACTIVATIONS = ("silu", "gelu_tanh")
+# Activations whose formula a fused backward may recompute itself (activation_kind); any other
+# element-wise callable runs on the torch path.
 _ACTIVATION_CLASSES = {"SiLU": "silu", "SiLUActivation": "silu", "GELUTanh": "gelu_tanh",
                        "PytorchGELUTanh": "gelu_tanh", "NewGELUActivation": "gelu_tanh",
                        "GELUPytorchTanh": "gelu_tanh"}
@@ -271,8 +271,6 @@ def activation_kind(act: Callable) -> Optional[str]:
 def _producer_factor(z: torch.Tensor, producer_epsilon: float, cd: torch.dtype) -> torch.Tensor:
     """``z / stab(z)`` of the epsilon linear that produced ``z``, as ``1 - q``
     (:func:`lrp_kernels.ops.linear_epsilon.epsilon_factor_gradient_torch`)."""
-    from .linear_epsilon import epsilon_factor_gradient_torch
-
     return epsilon_factor_gradient_torch(z, producer_epsilon, cd).neg_().add_(1.0)
 
 
@@ -360,9 +358,7 @@ def gated_product(g: torch.Tensor, u: torch.Tensor, act: Callable[[torch.Tensor]
     check_float("u", u)
     check_same_device(g=g, u=u)
     check_epsilon(epsilon)
-    if isinstance(producer_epsilon, bool) or not isinstance(producer_epsilon, (int, float)) \
-            or not 0 <= producer_epsilon < float("inf"):
-        raise ValueError(f"producer_epsilon must be a finite number >= 0, got {producer_epsilon!r}")
+    check_epsilon(producer_epsilon, "producer_epsilon")
     return GatedProductFn.apply(g, u, act, epsilon, pin_backend(backend), float(producer_epsilon),
                                 activation_kind(act))
 

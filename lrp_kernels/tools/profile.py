@@ -2,8 +2,9 @@
 against a plain forward + input-gradient pass of the same model in the same run.
 
 Per length ``n`` (random token ids, batch 1 by default), two modes, each one forward and one
-backward (``repeats``: several, interleaved, medians reported) of the logit of the most likely next token at the last position (only that
-position's logits are computed: ``logits_to_keep=1``):
+backward of the logit of the most likely next token at the last position (only that
+position's logits are computed: ``logits_to_keep=1``; ``repeats``: several runs, interleaved,
+medians reported):
 
 * ``plain``: the unpatched model (SDPA attention), parameters frozen, gradient w.r.t. the input
   embeddings — the cheapest "gradient x input" explanation, the baseline;
@@ -12,7 +13,8 @@ position's logits are computed: ``logits_to_keep=1``):
 Peak memory: CUDA ``max_memory_allocated`` above what was allocated before the phase (the
 weights), or on CPU the peak resident set size above the start of the phase (the kernel's own
 peak counter on Linux, else sampled every 2 ms by a thread), after returning freed heap pages to
-the OS (glibc ``malloc_trim``). Optional gradient checkpointing (``model.gradient_checkpointing_enable``).
+the OS (glibc ``malloc_trim``). Optional gradient checkpointing
+(``model.gradient_checkpointing_enable``).
 
 Library use::
 
